@@ -1,0 +1,1 @@
+"""Stable Hadamard Memory in JAX (placeholder while the core is written)."""
