@@ -1,1 +1,17 @@
-"""Stable Hadamard Memory in JAX (placeholder while the core is written)."""
+"""Stable Hadamard Memory (Le et al., ICLR 2025) in JAX: pure Hadamard scans, the SHM layer,
+baseline memories with the same interface, and a registry."""
+
+from shm_jax.baselines import GRU, LRU
+from shm_jax.registry import make_memory, memory_names
+from shm_jax.scan import hadamard_read, hadamard_scan
+from shm_jax.shm import SHM
+
+__all__ = [
+    "GRU",
+    "LRU",
+    "SHM",
+    "hadamard_read",
+    "hadamard_scan",
+    "make_memory",
+    "memory_names",
+]

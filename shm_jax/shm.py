@@ -1,0 +1,144 @@
+"""The Stable Hadamard Memory layer (Le et al., ICLR 2025; `shared/spec/shm.md`).
+
+One step, input x_t (width d), memory M_{t-1} (H×H), learned bank Θ [L, H]:
+
+    x̂ = LayerNorm(x);  k = relu(W_k x̂) / (1e-5 + Σ relu(W_k x̂));  q likewise with W_q
+    v = W_v x̂;  η = sigmoid(w_η · x̂);  c = W_c x̂;  θ = Θ[i_t], i_t ~ U{0..L-1}
+    C = 1 + tanh(θ cᵀ);  U = η v kᵀ;  M_t = C ⊙ M_{t-1} + U          (the Hadamard recurrence)
+    y = M_t q + (W_s x̂ + b_s);  out = W_o y + b_o
+
+The θ indices are the layer's `aux` input: the caller draws them with `sample_aux` while acting,
+stores them, and hands the same ones back in the PPO update, so the update recomputes exactly the
+memory the agent acted with (the authors' RLlib code re-draws them: spec, "disagree" item 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from shm_jax.scan import hadamard_read, hadamard_scan
+
+CALIBRATIONS = ("shm", "none", "fixed", "single_theta")
+
+
+class SHM(nn.Module):
+    """Stable Hadamard Memory, time-major: `__call__(carry, x, resets, aux) -> (carry, y)`.
+
+    Attributes:
+      size: memory size H (M is H×H).
+      features: output width (defaults to `size`).
+      num_thetas: L, rows of the calibration bank Θ (128 in the paper).
+      calibration: "shm" (C = 1 + tanh(θ_t c_tᵀ), θ_t a random row per step; the paper),
+        "none" (C = 1: memory only accumulates), "fixed" (C = a learned input-independent H×H
+        matrix: the paper's Prop. 3 design), "single_theta" (always Θ[0]: what the authors'
+        POPGym code does in effect).
+      clamp: if set, clip M to [-clamp, clamp] after every step (the authors' pomdp-baselines
+        code uses 100); this breaks associativity, so the sequential form runs. Off by default.
+      method: scan form for `shm_jax.hadamard_read` ("auto" | "sequential" | "associative" |
+        "chunked").
+      dtype: parameter and computation dtype.
+    """
+
+    size: int
+    features: int | None = None
+    num_thetas: int = 128
+    calibration: str = "shm"
+    clamp: float | None = None
+    method: str = "auto"
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(
+                f"unknown calibration {self.calibration!r}; choose one of {', '.join(CALIBRATIONS)}"
+            )
+        if self.size < 1 or self.num_thetas < 1:
+            raise ValueError(
+                f"size and num_thetas must be >= 1; got {self.size}, {self.num_thetas}"
+            )
+        super().__post_init__()
+
+    def initialize_carry(self, batch_shape: tuple[int, ...]) -> jax.Array:
+        """Zero memory M: [*batch_shape, H, H]."""
+        return jnp.zeros((*batch_shape, self.size, self.size), self.dtype)
+
+    def sample_aux(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """θ-row indices i_t ~ U{0..L-1}, int32 of `shape` (zeros for "single_theta")."""
+        if self.calibration == "single_theta":
+            return jnp.zeros(shape, jnp.int32)
+        return jax.random.randint(key, shape, 0, self.num_thetas, dtype=jnp.int32)
+
+    def setup(self):
+        H = self.size
+        dense = lambda n, bias=False: nn.Dense(
+            n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype
+        )
+        self.norm = nn.LayerNorm(dtype=self.dtype, param_dtype=self.dtype)
+        self.key_proj, self.query_proj, self.value_proj = dense(H), dense(H), dense(H)
+        self.eta_proj = dense(1)
+        self.shortcut = dense(H, bias=True)
+        self.out_proj = nn.Dense(self.features or H, dtype=self.dtype, param_dtype=self.dtype)
+        if self.calibration == "fixed":
+            self.fixed_calibration = self.param(
+                "fixed_calibration",
+                lambda key, shape: (
+                    jnp.ones(shape, self.dtype)
+                    + jax.random.uniform(key, shape, self.dtype, -0.05, 0.05)
+                ),
+                (H, H),
+            )
+        elif self.calibration != "none":
+            self.theta = self.param(
+                "theta", nn.initializers.xavier_uniform(), (self.num_thetas, H), self.dtype
+            )
+            self.calib_proj = dense(H)
+
+    def _factors(self, x, aux):
+        """Per-step C, U [T, B, H, H], query q [T, B, H] and shortcut [T, B, H] from x [T, B, d]."""
+        xh = self.norm(x)
+        k = nn.relu(self.key_proj(xh))
+        k = k / (1e-5 + k.sum(-1, keepdims=True))
+        q = nn.relu(self.query_proj(xh))
+        q = q / (1e-5 + q.sum(-1, keepdims=True))
+        eta = nn.sigmoid(self.eta_proj(xh))  # [T, B, 1]
+        U = (eta * self.value_proj(xh))[..., :, None] * k[..., None, :]
+        if self.calibration == "none":
+            C = jnp.ones_like(U)
+        elif self.calibration == "fixed":
+            C = jnp.broadcast_to(self.fixed_calibration, U.shape)
+        else:
+            theta = self.theta[aux]  # [T, B, H]
+            c = self.calib_proj(xh)
+            C = 1 + jnp.tanh(theta[..., :, None] * c[..., None, :])
+        return C, U, q, self.shortcut(xh)
+
+    def __call__(self, carry, x, resets, aux):
+        """carry M [B, H, H]; x [T, B, d]; resets [T, B] bool; aux [T, B] int32 θ indices.
+
+        Returns (M after the last step [B, H, H], out [T, B, features])."""
+        C, U, q, shortcut = self._factors(x, aux)
+        if self.clamp is None:
+            read, M_last = hadamard_read(C, U, q, resets=resets, memory=carry, method=self.method)
+        else:
+
+            def step(M, inputs):
+                c, u, qt, r = inputs
+                M = jnp.clip(c * jnp.where(r[:, None, None], 0.0, M) + u, -self.clamp, self.clamp)
+                return M, jnp.einsum("bij,bj->bi", M, qt)
+
+            M_last, read = jax.lax.scan(step, carry, (C, U, q, resets))
+        return M_last, self.out_proj(read + shortcut)
+
+    def memory_trace(self, carry, x, resets, aux):
+        """For inspection (notebooks): every M_t and C_t, each [T, B, H, H].
+
+        Call with the layer's params: `layer.apply(params, carry, x, resets, aux,
+        method=SHM.memory_trace)`. C_t is the calibration used at step t (before a reset's
+        zeroing)."""
+        C, U, _, _ = self._factors(x, aux)
+        M_all, _ = hadamard_scan(C, U, resets=resets, memory=carry, method="sequential")
+        return {"M": M_all, "C": C}

@@ -1,0 +1,158 @@
+"""Every memory: step-by-step equals the sequence call, resets equal separate episodes; the SHM
+layer against an independent float64 numpy implementation of the spec's equations; θ replay; the
+registry's errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import shm_jax
+from shm_jax import SHM, make_memory, memory_names
+
+T, B, D, H = 13, 3, 5, 4
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    kx, kr = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (T, B, D))
+    resets = jax.random.bernoulli(kr, 0.2, (T, B)).at[0].set(True)
+    return x, resets
+
+
+def build(name, x, resets, **kwargs):
+    module = make_memory(name, size=H, features=6, **kwargs)
+    carry = module.initialize_carry((B,))
+    aux = module.sample_aux(jax.random.PRNGKey(2), (T, B))
+    params = module.init(jax.random.PRNGKey(3), carry, x, resets, aux)
+    return module, params, carry, aux
+
+
+@pytest.mark.parametrize("name", memory_names)
+def test_step_by_step_equals_sequence(name, inputs):
+    x, resets = inputs
+    module, params, carry, aux = build(name, x, resets)
+    apply = jax.jit(module.apply)
+    carry_T, y = apply(params, carry, x, resets, aux)
+    assert y.shape == (T, B, 6)
+    c, ys = carry, []
+    for t in range(T):
+        c, yt = apply(params, c, x[t : t + 1], resets[t : t + 1], aux[t : t + 1])
+        ys.append(yt)
+    np.testing.assert_allclose(np.concatenate(ys), np.asarray(y), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(c), np.asarray(carry_T), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", memory_names)
+def test_resets_equal_separate_episodes(name, inputs):
+    x, _ = inputs
+    s = 6
+    resets = jnp.zeros((T, B), bool).at[s].set(True)
+    module, params, carry, aux = build(name, x, resets)
+    # a carried-in random state must be forgotten at the reset, too
+    carry = jax.tree.map(lambda c: c + 1.0, carry)
+    _, y = module.apply(params, carry, x, resets, aux)
+    _, y2 = module.apply(params, module.initialize_carry((B,)), x[s:], resets[s:], aux[s:])
+    np.testing.assert_allclose(np.asarray(y[s:]), np.asarray(y2), rtol=1e-5, atol=1e-5)
+    # and before the reset the carried state mattered
+    _, y0 = module.apply(params, module.initialize_carry((B,)), x, resets, aux)
+    assert not np.allclose(np.asarray(y[:s]), np.asarray(y0[:s]))
+
+
+def numpy_shm(p, M, x, resets, aux, calibration):
+    """The spec's equations in float64 numpy, one step at a time."""
+    f = lambda a: np.asarray(a, np.float64)
+    Wk, Wq, Wv = (f(p[n]["kernel"]) for n in ("key_proj", "query_proj", "value_proj"))
+    we, Ws, bs = f(p["eta_proj"]["kernel"]), f(p["shortcut"]["kernel"]), f(p["shortcut"]["bias"])
+    Wo, bo = f(p["out_proj"]["kernel"]), f(p["out_proj"]["bias"])
+    g, b = f(p["norm"]["scale"]), f(p["norm"]["bias"])
+    M = f(M).copy()
+    outs = []
+    for t in range(x.shape[0]):
+        xt = f(x[t])
+        mu, var = xt.mean(-1, keepdims=True), xt.var(-1, keepdims=True)
+        xh = (xt - mu) / np.sqrt(var + 1e-6) * g + b
+        k = np.maximum(xh @ Wk, 0)
+        k = k / (1e-5 + k.sum(-1, keepdims=True))
+        q = np.maximum(xh @ Wq, 0)
+        q = q / (1e-5 + q.sum(-1, keepdims=True))
+        v = xh @ Wv
+        eta = 1 / (1 + np.exp(-(xh @ we)))
+        if calibration == "none":
+            C = np.ones_like(M)
+        else:
+            theta = f(p["theta"])[np.asarray(aux[t])]
+            c = xh @ f(p["calib_proj"]["kernel"])
+            C = 1 + np.tanh(theta[:, :, None] * c[:, None, :])
+        M = np.where(np.asarray(resets[t])[:, None, None], 0.0, M)
+        M = C * M + eta[:, :, None] * v[:, :, None] * k[:, None, :]
+        y = np.einsum("bij,bj->bi", M, q) + xh @ Ws + bs
+        outs.append(y @ Wo + bo)
+    return np.stack(outs), M
+
+
+@pytest.mark.parametrize("calibration", ["shm", "none", "single_theta"])
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
+def test_shm_matches_numpy_reference(calibration, method, inputs):
+    x, resets = inputs
+    with jax.enable_x64(True):
+        module = SHM(size=H, calibration=calibration, method=method, dtype=jnp.float64)
+        aux = module.sample_aux(jax.random.PRNGKey(5), (T, B))
+        carry = jax.random.normal(jax.random.PRNGKey(6), (B, H, H), jnp.float64)
+        xd = jnp.asarray(x, jnp.float64)
+        params = module.init(jax.random.PRNGKey(7), carry, xd, resets, aux)
+        M_last, y = module.apply(params, carry, xd, resets, aux)
+    ref_y, ref_M = numpy_shm(params["params"], carry, xd, resets, aux, calibration)
+    np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(M_last), ref_M, rtol=1e-9, atol=1e-12)
+    if calibration == "single_theta":
+        assert np.all(np.asarray(aux) == 0)
+
+
+def test_theta_replay(inputs):
+    """The same θ indices give the same outputs; other indices give other outputs."""
+    x, resets = inputs
+    module, params, carry, aux = build("shm", x, resets)
+    _, y1 = module.apply(params, carry, x, resets, aux)
+    _, y2 = module.apply(params, carry, x, resets, aux)
+    other = module.sample_aux(jax.random.PRNGKey(99), (T, B))
+    _, y3 = module.apply(params, carry, x, resets, other)
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+    assert np.abs(np.asarray(y1) - np.asarray(y3)).max() > 1e-4
+    assert aux.dtype == jnp.int32 and int(aux.min()) >= 0 and int(aux.max()) < 128
+
+
+def test_clamp_bounds_the_memory(inputs):
+    x, resets = inputs
+    module = SHM(size=H, calibration="none", clamp=0.05)
+    aux = module.sample_aux(jax.random.PRNGKey(0), (T, B))
+    carry = module.initialize_carry((B,))
+    params = module.init(jax.random.PRNGKey(1), carry, 100 * x, resets, aux)
+    M_last, _ = module.apply(params, carry, 100 * x, jnp.zeros_like(resets), aux)
+    assert float(jnp.abs(M_last).max()) <= 0.05 + 1e-7
+    M_free, _ = SHM(size=H, calibration="none").apply(
+        params, carry, 100 * x, jnp.zeros_like(resets), aux
+    )
+    assert float(jnp.abs(M_free).max()) > 0.05
+
+
+def test_memory_trace_matches_the_layer(inputs):
+    x, resets = inputs
+    module, params, carry, aux = build("shm", x, resets)
+    trace = module.apply(params, carry, x, resets, aux, method=SHM.memory_trace)
+    M_last, _ = module.apply(params, carry, x, resets, aux)
+    assert trace["M"].shape == trace["C"].shape == (T, B, H, H)
+    np.testing.assert_allclose(np.asarray(trace["M"][-1]), np.asarray(M_last), rtol=1e-6)
+    assert float(trace["C"].min()) > 0 and float(trace["C"].max()) < 2
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown memory 'lstm'; choose one of .*gru.*shm"):
+        make_memory("lstm", size=4)
+    with pytest.raises(ValueError, match="memory size must be a positive int"):
+        make_memory("shm", size=0)
+    with pytest.raises(ValueError, match="unknown calibration 'bad'"):
+        SHM(size=4, calibration="bad")
+    assert {"shm", "gru", "lru", "shm_nocal", "shm_fixed", "shm_single"} <= set(memory_names)
+    assert shm_jax.make_memory("shm_fixed", size=3).calibration == "fixed"
