@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import importlib
 
+from envs.core import VecEnv, VecEnvState
+
 # One module per env family; each contributes its ids through a module-level REGISTRY dict.
 _FAMILIES = (
     "repeat_first",
@@ -74,4 +76,4 @@ def make(name: str, **kwargs):
     )
 
 
-__all__ = ["make", "registered", "REGISTRY"]
+__all__ = ["make", "registered", "REGISTRY", "VecEnv", "VecEnvState"]
