@@ -25,7 +25,7 @@ import numpy as np
 from flax import struct
 from gymnax.environments import environment, spaces
 
-from envs.concentration import random_permutation
+from envs.deck import random_permutation
 
 # popgym's difficulty presets: (rows, cols, mines).
 LEVELS = {"easy": (4, 4, 2), "medium": (6, 6, 6), "hard": (8, 8, 10)}
