@@ -1,0 +1,129 @@
+"""Throughput and peak memory of the Hadamard scans, the SHM layer and the GRU baseline.
+
+    python bench/memory.py            # full table (a few minutes on 2 CPU cores)
+    python bench/memory.py --quick    # fewer repeats
+
+For each (T, B, H) it reports sequence steps × batch per second (T·B / seconds) for the forward
+pass and for forward+backward (grad of a sum of the outputs), and the compiled program's peak
+memory (arguments + outputs + temporaries, from XLA's memory analysis). Rows:
+- `scan/<method>`: the bare `hadamard_read` on given C, U [T, B, H, H] and q [T, B, H];
+- `SHM(H)/<method>`: the whole SHM layer (projections, calibration, scan, read-out), input width H;
+- `GRU(256)`: flax GRUCell with 256 hidden units under a scan, input width H, same T and B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import shm_jax
+from shm_jax.scan import choose_method, hadamard_read
+
+SIZES = [(128, 64, 32), (1024, 8, 128), (1024, 64, 32)]
+METHODS = ["sequential", "associative", "chunked", "auto"]
+
+
+def timeit(fn, args, repeats: int) -> float:
+    """Median wall time of fn(*args) in seconds, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def peak_mib(jitted, args) -> float:
+    stats = jitted.lower(*args).compile().memory_analysis()
+    if stats is None:
+        return float("nan")
+    total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    return total / 2**20
+
+
+def measure(forward, args, repeats):
+    """(fwd steps/s, fwd+bwd steps/s, fwd+bwd peak MiB) of forward(*args) -> array [T, B, ...]."""
+    fwd = jax.jit(forward)
+    loss = lambda *a: jnp.sum(forward(*a))
+    bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+    return timeit(fwd, args, repeats), timeit(bwd, args, repeats), peak_mib(bwd, args)
+
+
+def scan_row(T, B, H, method, key):
+    kc, ku, kq = jax.random.split(key, 3)
+    C = 1 + jnp.tanh(jax.random.normal(kc, (T, B, H, H)))
+    U = 0.1 * jax.random.normal(ku, (T, B, H, H))
+    q = jax.random.normal(kq, (T, B, H))
+    return measure(lambda C, U, q: hadamard_read(C, U, q, method=method)[0], (C, U, q), REPEATS)
+
+
+def layer_row(name, T, B, H, key, **kwargs):
+    module = shm_jax.make_memory(name, **kwargs)
+    kx, kp, ka = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (T, B, H))
+    resets = jnp.zeros((T, B), bool).at[T // 2].set(True)
+    aux = module.sample_aux(ka, (T, B))
+    carry = module.initialize_carry((B,))
+    params = module.init(kp, carry, x, resets, aux)
+
+    def forward(params, x):
+        return module.apply(params, carry, x, resets, aux)[1]
+
+    return measure(forward, (params, x), REPEATS)
+
+
+def main():
+    global REPEATS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
+    args = parser.parse_args()
+    REPEATS = 2 if args.quick else 5
+
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+    )
+    print()
+    print("| T, B, H | what | fwd steps/s | fwd+bwd steps/s | fwd+bwd peak MiB |")
+    print("|---|---|---:|---:|---:|")
+    key = jax.random.PRNGKey(0)
+    for T, B, H in SIZES:
+        auto = choose_method(T, B, H)
+        rows = []
+        for method in METHODS:
+            rows.append((f"scan/{method}", scan_row(T, B, H, method, key)))
+        for method in METHODS:
+            rows.append(
+                (f"SHM({H})/{method}", layer_row("shm", T, B, H, key, size=H, method=method))
+            )
+        rows.append(("GRU(256)", layer_row("gru", T, B, H, key, size=256)))
+        for what, (fwd, bwd, peak) in rows:
+            label = f"{what} (= {auto})" if what.endswith("/auto") else what
+            print(
+                f"| {T}, {B}, {H} | {label} | {T * B / fwd:,.0f} | {T * B / bwd:,.0f} "
+                f"| {peak:,.0f} |",
+                flush=True,
+            )
+        for kind in ("scan", f"SHM({H})"):
+            fastest = min(bwd for w, (_, bwd, _) in rows if w.startswith(kind + "/"))
+            auto_bwd = dict(rows)[f"{kind}/auto"][1]
+            print(
+                f"|  | {kind}: auto vs fastest fwd+bwd | | {fastest / auto_bwd:.2f}x of fastest | |"
+            )
+        shm_best = min(dict(rows)[f"SHM({H})/{m}"][1] for m in METHODS)
+        print(
+            f"|  | SHM({H}) best vs GRU(256) fwd+bwd | | {dict(rows)['GRU(256)'][1] / shm_best:.2f}x | |"
+        )
+
+
+REPEATS = 5
+
+if __name__ == "__main__":
+    main()

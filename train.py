@@ -1,0 +1,886 @@
+"""Recurrent PPO for memory agents (SHM, GRU, ...) whose whole training run compiles into one XLA
+program, in the style of PureJaxRL's `ppo_rnn.py`.
+
+    python train.py --env RepeatFirstEasy --memory shm --num-seeds 2 --out runs/rf-easy
+    python train.py --eval runs/rf-easy          # reload the checkpoint and report returns
+    python train.py --preset popgym --env RepeatPreviousHard --memory shm --memory-size 32
+
+Reading order: `Config` (every knob, typed) -> networks (`ActorCritic`: embedding -> memory ->
+actor / critic heads) -> `gae` -> `make_train(cfg)`, which returns a pure `train(keys)` that
+`jax.jit` compiles whole (one `lax.scan` over updates; in each update a rollout scan, GAE, and a
+scan over epochs x minibatches; seeds under `jax.vmap`) -> outputs (csv, plot, checkpoint) -> CLI.
+
+The memory's per-step randomness (SHM's random θ row indices, `aux`) is drawn while acting, stored
+in the rollout and replayed in the update, which re-runs the memory from the rollout's initial
+carry: the update scores exactly the policy that acted (on the first minibatch of each update the
+probability ratio is 1 and the KL 0, logged as `ratio_dev_first` / `kl_first`). The authors'
+RLlib update re-draws θ instead (spec/shm.md, "disagree" item 3).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+from gymnax.environments import spaces
+
+import envs
+import shm_jax
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Recurrent PPO with a memory module (SHM, GRU, ...) on a jitted environment.
+
+    Also: `python train.py --eval DIR` reloads a finished run from DIR and reports its returns.
+    """
+
+    env: str = "RepeatFirstEasy"
+    """Environment id: any of `envs.registered` (e.g. RepeatPreviousEasy) or a gymnax id."""
+    memory: str = "shm"
+    """Memory module, any name in `shm_jax.memory_names`."""
+    memory_size: int = 32
+    """Memory size: H for SHM (the memory is H x H), the hidden size for GRU and the others."""
+    hidden: int = 128
+    """Width of the observation embedding and of the actor / critic hidden layers."""
+    head: Literal["auto", "categorical", "gaussian"] = "auto"
+    """Action head; auto = categorical for Discrete, diagonal Gaussian for Box action spaces."""
+    prev_action: bool = True
+    """Append the previous action (one-hot) and a first-step flag to the observation (popgym's
+    baselines do; the SHM authors' POPGym runs did not, so `--preset popgym` turns it off). On by
+    default because it makes the short default run solve RepeatFirstEasy (return 1.0 at 500k
+    steps, against -0.48 without it)."""
+    total_timesteps: int = 500_000
+    """Env steps per seed (rounded down to whole updates of num_envs x num_steps)."""
+    num_envs: int = 32
+    """Parallel environments per seed."""
+    num_steps: int = 128
+    """Rollout length per env per update (the sequence length the memory is trained on)."""
+    num_epochs: int = 4
+    """PPO epochs over each rollout."""
+    num_minibatches: int = 4
+    """Minibatches per epoch, split along envs so each keeps whole sequences."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    anneal_lr: bool = False
+    """Anneal the learning rate linearly to 0 over the run."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clip (also clips the value update)."""
+    ent_coef: float = 0.01
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    num_seeds: int = 1
+    """Independent seeds trained in parallel (vmapped; sharded when several devices are visible)."""
+    seed: int = 0
+    """Base random seed; seed i of the run uses key split(key(seed), num_seeds)[i]."""
+    eval_every: int = 10
+    """Meta-RL envs (with env.eval_params): evaluate on the held-out tasks every N updates."""
+    out: str = "runs/latest"
+    """Output directory: config.json, metrics.csv, returns.png, params.msgpack."""
+    progress: bool = True
+    """Show a live progress bar (host callbacks from inside the compiled run)."""
+    preset: Literal["none", "popgym"] = "none"
+    """Settings preset applied before the other flags: popgym = the SHM paper's POPGym PPO."""
+
+    @property
+    def steps_per_update(self) -> int:
+        """Env steps per update per seed."""
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        """PPO updates in the run."""
+        return self.total_timesteps // self.steps_per_update
+
+    @property
+    def envs_per_minibatch(self) -> int:
+        """Envs (whole sequences) per minibatch."""
+        return self.num_envs // self.num_minibatches
+
+
+PRESETS: dict[str, Config] = {
+    "none": Config(),
+    # Le et al. 2025, POPGym runs (RLlib PPO): 64 envs x 1024 steps, 30 epochs x 8 minibatches.
+    "popgym": Config(
+        num_envs=64,
+        num_steps=1024,
+        num_epochs=30,
+        num_minibatches=8,
+        lr=5e-5,
+        gamma=0.99,
+        gae_lambda=1.0,
+        clip_eps=0.2,
+        ent_coef=0.0,
+        vf_coef=1.0,
+        max_grad_norm=0.5,
+        total_timesteps=15_000_000,
+        prev_action=False,
+        preset="popgym",
+    ),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check user input once, at the boundary; raise ValueError naming the bad value."""
+    if cfg.memory not in shm_jax.memory_names:
+        raise ValueError(
+            f"unknown memory {cfg.memory!r}; choose one of {', '.join(shm_jax.memory_names)}"
+        )
+    for name in ("memory_size", "hidden", "num_envs", "num_steps", "num_epochs"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_minibatches < 1 or cfg.num_envs % cfg.num_minibatches:
+        raise ValueError(
+            f"--num-envs {cfg.num_envs} must divide evenly into --num-minibatches "
+            f"{cfg.num_minibatches} (minibatches are split along envs)"
+        )
+    if cfg.num_updates < 1:
+        raise ValueError(
+            f"--total-timesteps {cfg.total_timesteps} is less than one update "
+            f"(--num-envs x --num-steps = {cfg.steps_per_update})"
+        )
+    if cfg.num_seeds < 1 or cfg.eval_every < 1:
+        raise ValueError("--num-seeds and --eval-every must be >= 1")
+    if not (0.0 <= cfg.gamma <= 1.0 and 0.0 <= cfg.gae_lambda <= 1.0):
+        raise ValueError(f"--gamma {cfg.gamma} and --gae-lambda {cfg.gae_lambda} must be in [0, 1]")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+def _orth(scale: float) -> Callable:
+    return nn.initializers.orthogonal(scale)
+
+
+class ActorCritic(nn.Module):
+    """Embedding -> memory -> actor and critic heads, time-major.
+
+    `__call__(carry, obs [T, B, obs_dim], resets [T, B] bool, aux [T, B])` returns
+    `(carry, policy_out, value [T, B])` where `policy_out` is the logits `[T, B, A]` (categorical)
+    or `(mean [T, B, A], log_std [A])` (diagonal Gaussian).
+    """
+
+    memory: nn.Module
+    action_dim: int
+    continuous: bool
+    hidden: int = 128
+    pixel_dims: int = 0  # leading obs components that are uint8 pixels (scaled to [0, 1] here)
+
+    @nn.compact
+    def __call__(self, carry, obs, resets, aux):
+        x = obs.astype(jnp.float32)
+        if self.pixel_dims:
+            x = x.at[..., : self.pixel_dims].multiply(1.0 / 255.0)
+        x = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)), name="embed")(x))
+        carry, y = self.memory(carry, x, resets, aux)  # y: [T, B, features]
+
+        a = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)))(y))
+        a = nn.Dense(self.action_dim, kernel_init=_orth(0.01))(a)
+        if self.continuous:
+            log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
+            policy_out = (a, log_std)
+        else:
+            policy_out = a
+
+        v = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)))(y))
+        value = nn.Dense(1, kernel_init=_orth(1.0))(v)[..., 0]
+        return carry, policy_out, value
+
+
+# The two action distributions as pure functions of the head's output (static `continuous`).
+
+
+def sample_action(key, policy_out, continuous: bool):
+    """Draw an action: int32 [...] (categorical) or float [..., A] (Gaussian)."""
+    if continuous:
+        mean, log_std = policy_out
+        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+    return jax.random.categorical(key, policy_out).astype(jnp.int32)
+
+
+def log_prob(policy_out, action, continuous: bool):
+    """log pi(action) with shape [...]."""
+    if continuous:
+        mean, log_std = policy_out
+        z = (action - mean) * jnp.exp(-log_std)
+        return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+    logp = jax.nn.log_softmax(policy_out)
+    return jnp.take_along_axis(logp, action[..., None], axis=-1)[..., 0]
+
+
+def entropy(policy_out, continuous: bool):
+    """Entropy of pi with shape [...]."""
+    if continuous:
+        mean, log_std = policy_out
+        return jnp.broadcast_to(
+            jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e)), mean.shape[:-1]
+        )
+    logp = jax.nn.log_softmax(policy_out)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and PPO pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _vec_env_class():
+    """The project's training vector env (batched auto-reset, episode statistics)."""
+    if hasattr(envs, "VecEnv"):
+        return envs.VecEnv
+    return importlib.import_module("envs.core").VecEnv
+
+
+class Setup(NamedTuple):
+    """What `make_env_and_network` builds from a Config (static structure of a run)."""
+
+    env: Any
+    env_params: Any
+    venv: Any
+    network: ActorCritic
+    memory: nn.Module
+    continuous: bool
+    action_dim: int
+    action_low: Any
+    action_high: Any
+    episode_keys: tuple[str, ...]  # the venv's returned_episode_* info keys (besides the flag)
+    eval_params: Any  # held-out task params for meta-RL envs, else None
+
+
+def make_env_and_network(cfg: Config) -> Setup:
+    """Build env, vector env and network for `cfg`; ValueError on inconsistent input."""
+    validate(cfg)
+    env, env_params = envs.make(cfg.env)
+    space = env.action_space(env_params)
+    if isinstance(space, spaces.Discrete):
+        continuous, action_dim, low, high = False, int(space.n), None, None
+    elif isinstance(space, spaces.Box):
+        continuous, action_dim = True, int(np.prod(space.shape))
+        low, high = jnp.asarray(space.low, jnp.float32), jnp.asarray(space.high, jnp.float32)
+    else:
+        raise ValueError(
+            f"env {cfg.env!r} has action space {type(space).__name__}; supported: Discrete, Box"
+        )
+    if cfg.head == "categorical" and continuous:
+        raise ValueError(f"--head categorical needs a Discrete action space; {cfg.env!r} has Box")
+    if cfg.head == "gaussian" and not continuous:
+        raise ValueError(f"--head gaussian needs a Box action space; {cfg.env!r} has Discrete")
+    if cfg.prev_action and continuous:
+        raise ValueError(f"--prev-action needs a Discrete action space; {cfg.env!r} has Box")
+
+    venv = _vec_env_class()(env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
+    obs_space = env.observation_space(env_params)
+    pixel_dims = int(np.prod(obs_space.shape)) if obs_space.dtype == jnp.uint8 else 0
+    memory = shm_jax.make_memory(cfg.memory, size=cfg.memory_size)
+    network = ActorCritic(memory, action_dim, continuous, cfg.hidden, pixel_dims)
+
+    # The info keys are static: read them off one abstractly evaluated step.
+    def one_step(key):
+        obs, state = venv.reset(key)
+        action = jnp.zeros((cfg.num_envs, action_dim) if continuous else (cfg.num_envs,))
+        action = action.astype(jnp.float32 if continuous else jnp.int32)
+        return venv.step(key, state, action)[4]
+
+    info = jax.eval_shape(one_step, jax.random.key(0))
+    episode_keys = tuple(
+        k for k in sorted(info) if k.startswith("returned_episode_") and k != "returned_episode"
+    )
+    eval_params = env.eval_params(env_params) if hasattr(env, "eval_params") else None
+    return Setup(
+        env,
+        env_params,
+        venv,
+        network,
+        memory,
+        continuous,
+        action_dim,
+        low,
+        high,
+        episode_keys,
+        eval_params,
+    )
+
+
+def metric_name(info_key: str) -> str:
+    """Column name of an episode metric: returned_episode_returns -> episode_return, etc."""
+    name = info_key.removeprefix("returned_episode_")
+    return "episode_" + {"returns": "return", "lengths": "length"}.get(name, name)
+
+
+class Transition(NamedTuple):
+    """One rollout step for all envs of one seed; leaves are [T, N, ...] after the scan."""
+
+    reset: jax.Array  # [N] bool: this step starts an episode (memory is zeroed before it)
+    done: jax.Array  # [N] bool: this step ended the episode (terminated or truncated)
+    obs: jax.Array  # [N, obs_dim]
+    aux: jax.Array  # [N] the memory's per-step randomness (SHM: θ row indices), replayed later
+    action: jax.Array  # [N] int32 or [N, A] float
+    log_prob: jax.Array  # [N]
+    value: jax.Array  # [N]
+    reward: jax.Array  # [N]
+    info: dict  # [N] each: returned_episode, returned_episode_*
+
+
+class RunnerState(NamedTuple):
+    """Everything one seed carries from update to update."""
+
+    params: Any
+    opt_state: Any
+    env_state: Any
+    obs: jax.Array  # [N, obs_dim] the next observation to act on
+    reset: jax.Array  # [N] bool: that observation starts an episode
+    carry: Any  # memory carry, leaves [N, ...]
+    key: jax.Array
+    update: jax.Array  # int32 scalar, updates done so far
+
+
+def gae(
+    value: jax.Array,
+    reward: jax.Array,
+    done: jax.Array,
+    last_value: jax.Array,
+    gamma: float,
+    lam: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation (Schulman et al. 2016), time-major.
+
+    value, reward, done: [T, B] (done[t] = step t ended its episode, so no bootstrap through it);
+    last_value: [B], the value of the observation after step T-1.
+    Returns (advantages [T, B], returns = advantages + value [T, B]).
+    """
+    not_done = 1.0 - done.astype(value.dtype)
+    next_value = jnp.concatenate([value[1:], last_value[None]], axis=0)
+    delta = reward + gamma * next_value * not_done - value
+
+    def backward(adv_next, inp):
+        delta_t, not_done_t = inp
+        adv = delta_t + gamma * lam * not_done_t * adv_next
+        return adv, adv
+
+    _, adv = jax.lax.scan(backward, jnp.zeros_like(last_value), (delta, not_done), reverse=True)
+    return adv, adv + value
+
+
+# ---------------------------------------------------------------------------------------------
+# make_train
+# ---------------------------------------------------------------------------------------------
+
+
+def env_action(setup: Setup, action: jax.Array) -> jax.Array:
+    """What the env receives: Gaussian samples are unbounded, so they are clipped to the Box."""
+    if setup.continuous:
+        return jnp.clip(action, setup.action_low, setup.action_high)
+    return action
+
+
+def act(setup: Setup, params, carry, obs, reset, key):
+    """One step for all N envs: sample the memory's aux, run one memory step, sample an action.
+
+    obs: [N, obs_dim]; reset: [N] bool. Returns (carry, action [N] or [N, A], log_prob [N],
+    value [N], aux [N]).
+    """
+    key_aux, key_act = jax.random.split(key)
+    aux = setup.memory.sample_aux(key_aux, (1, obs.shape[0]))  # [1, N]
+    carry, policy_out, value = setup.network.apply(params, carry, obs[None], reset[None], aux)
+    policy_out = jax.tree.map(lambda x: x[0] if x.ndim > 1 else x, policy_out)  # drop T=1
+    action = sample_action(key_act, policy_out, setup.continuous)
+    return carry, action, log_prob(policy_out, action, setup.continuous), value[0], aux[0]
+
+
+def rollout(setup: Setup, runner: RunnerState, venv, num_steps: int):
+    """Act for num_steps steps with `lax.scan`; returns (runner, Transition with leaves [T, N, ...])."""
+
+    def step(runner: RunnerState, _):
+        key, key_act, key_env = jax.random.split(runner.key, 3)
+        carry, action, logp, value, aux = act(
+            setup, runner.params, runner.carry, runner.obs, runner.reset, key_act
+        )
+        obs, env_state, reward, done, info = venv.step(
+            key_env, runner.env_state, env_action(setup, action)
+        )
+        info = {k: v for k, v in info.items() if k.startswith("returned_episode")}
+        transition = Transition(
+            runner.reset, done, runner.obs, aux, action, logp, value, reward, info
+        )
+        runner = runner._replace(env_state=env_state, obs=obs, reset=done, carry=carry, key=key)
+        return runner, transition
+
+    return jax.lax.scan(step, runner, None, num_steps)
+
+
+def make_evaluate(cfg: Config, setup: Setup, random_policy: bool = False):
+    """`evaluate(params, key) -> mean return` of the episodes that finish within one episode
+    horizon (`max_steps_in_episode` steps) on cfg.num_envs fresh envs with fresh memory. Meta-RL
+    envs are evaluated on their held-out tasks. `random_policy` acts uniformly at random instead
+    (the baseline the summary line compares with).
+    """
+    env_params = setup.eval_params if setup.eval_params is not None else setup.env_params
+    venv = _vec_env_class()(setup.env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
+    horizon = int(env_params.max_steps_in_episode)
+    space = setup.env.action_space(env_params)
+
+    def evaluate(params, key) -> jax.Array:
+        key_reset, key = jax.random.split(key)
+        obs, env_state = venv.reset(key_reset)
+        if random_policy:
+
+            def step(state, key):
+                key_act, key_env = jax.random.split(key)
+                actions = jax.vmap(space.sample)(jax.random.split(key_act, cfg.num_envs))
+                _, state, _, _, info = venv.step(key_env, state, actions)
+                return state, info
+
+            _, info = jax.lax.scan(step, env_state, jax.random.split(key, horizon))
+        else:
+            runner = RunnerState(
+                params,
+                None,
+                env_state,
+                obs,
+                jnp.ones((cfg.num_envs,), bool),
+                setup.memory.initialize_carry((cfg.num_envs,)),
+                key,
+                jnp.zeros((), jnp.int32),
+            )
+            info = rollout(setup, runner, venv, horizon)[1].info
+        finished = info["returned_episode"]
+        returns = jnp.where(finished, info["returned_episode_returns"], 0.0).sum()
+        return returns / jnp.maximum(finished.sum(), 1)
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# make_train
+# ---------------------------------------------------------------------------------------------
+
+
+def make_keys(cfg: Config) -> jax.Array:
+    """The run's per-seed keys: [num_seeds] typed PRNG keys."""
+    return jax.random.split(jax.random.key(cfg.seed), cfg.num_seeds)
+
+
+def make_train(
+    cfg: Config, progress: Callable[[np.ndarray, dict], None] | None = None
+) -> Callable[[jax.Array], tuple[RunnerState, dict]]:
+    """Build a pure `train(keys [S]) -> (final RunnerState, metrics)` for `cfg`.
+
+    One `jax.jit(train)` compiles the whole run; seeds run under `jax.vmap`. Every RunnerState
+    leaf gets a leading seed axis [S]; `metrics[name]` is [num_updates, S]. `progress(update,
+    metrics {name: [S]})`, if given, is called on the host after every update through
+    `jax.debug.callback` (for a progress bar; it does not change the result).
+    """
+    setup = make_env_and_network(cfg)
+    venv, network, memory = setup.venv, setup.network, setup.memory
+    N, T, M = cfg.num_envs, cfg.num_steps, cfg.num_minibatches
+    continuous = setup.continuous
+    evaluate = make_evaluate(cfg, setup) if setup.eval_params is not None else None
+
+    def lr_schedule(count):
+        # optax counts minibatch steps; the rate drops once per update.
+        return cfg.lr * (1.0 - (count // (M * cfg.num_epochs)) / cfg.num_updates)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adam(lr_schedule if cfg.anneal_lr else cfg.lr, eps=1e-5),
+    )
+
+    def init(key) -> RunnerState:
+        key, key_net, key_env, key_aux = jax.random.split(key, 4)
+        obs, env_state = venv.reset(key_env)  # obs: [N, obs_dim]
+        carry = memory.initialize_carry((N,))
+        reset = jnp.ones((N,), bool)
+        aux = memory.sample_aux(key_aux, (1, N))
+        params = network.init(key_net, carry, obs[None], reset[None], aux)
+        return RunnerState(
+            params, tx.init(params), env_state, obs, reset, carry, key, jnp.zeros((), jnp.int32)
+        )
+
+    def loss_fn(params, carry0, traj: Transition, adv, targets):
+        """PPO loss on whole sequences: traj leaves [T, B, ...], carry0 leaves [B, ...].
+
+        The memory re-runs from the rollout's carry with the rollout's resets and aux, so before
+        any gradient step it reproduces the acting policy exactly.
+        """
+        _, policy_out, value = network.apply(params, carry0, traj.obs, traj.reset, traj.aux)
+        new_logp = log_prob(policy_out, traj.action, continuous)  # [T, B]
+        log_ratio = new_logp - traj.log_prob
+        ratio = jnp.exp(log_ratio)
+
+        value_clipped = traj.value + jnp.clip(value - traj.value, -cfg.clip_eps, cfg.clip_eps)
+        value_loss = 0.5 * jnp.maximum((value - targets) ** 2, (value_clipped - targets) ** 2)
+        value_loss = value_loss.mean()
+
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        pg1 = ratio * adv
+        pg2 = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
+        policy_loss = -jnp.minimum(pg1, pg2).mean()
+        ent = entropy(policy_out, continuous).mean()
+        total = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * ent
+        stats = dict(
+            policy_loss=policy_loss,
+            value_loss=value_loss,
+            entropy=ent,
+            approx_kl=((ratio - 1.0) - log_ratio).mean(),  # the k3 estimator: >= 0, 0 iff equal
+            clip_frac=(jnp.abs(ratio - 1.0) > cfg.clip_eps).mean(),
+            ratio_dev=jnp.abs(ratio - 1.0).max(),
+        )
+        return total, stats
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def update(runner: RunnerState) -> tuple[RunnerState, dict]:
+        """One PPO update for one seed: rollout, GAE, epochs x minibatches."""
+        carry0 = runner.carry  # leaves [N, ...]: the memory before the rollout
+        runner, traj = rollout(setup, runner, venv, T)  # traj leaves [T, N, ...]
+
+        key, key_last, key_epochs = jax.random.split(runner.key, 3)
+        # Bootstrap with the value of the next observation (its memory step is not kept).
+        last_value = act(setup, runner.params, runner.carry, runner.obs, runner.reset, key_last)[3]
+        adv, targets = gae(
+            traj.value, traj.reward, traj.done, last_value, cfg.gamma, cfg.gae_lambda
+        )
+
+        def epoch(state, key_perm):
+            perm = jax.random.permutation(key_perm, N)
+
+            def split_envs(x, axis):  # [.., N, ..] -> [M, .., N/M, ..], envs in permuted order
+                x = jnp.take(x, perm, axis=axis)
+                x = x.reshape(x.shape[:axis] + (M, N // M) + x.shape[axis + 1 :])
+                return jnp.moveaxis(x, axis, 0)
+
+            batches = (
+                jax.tree.map(lambda x: split_envs(x, 0), carry0),
+                jax.tree.map(lambda x: split_envs(x, 1), (traj, adv, targets)),
+            )
+
+            def minibatch(state, batch):
+                params, opt_state = state
+                carry_mb, (traj_mb, adv_mb, targets_mb) = batch
+                (_, stats), grads = grad_fn(params, carry_mb, traj_mb, adv_mb, targets_mb)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                stats["grad_norm"] = optax.global_norm(grads)
+                return (optax.apply_updates(params, updates), opt_state), stats
+
+            return jax.lax.scan(minibatch, state, batches)
+
+        (params, opt_state), stats = jax.lax.scan(
+            epoch, (runner.params, runner.opt_state), jax.random.split(key_epochs, cfg.num_epochs)
+        )  # stats leaves: [epochs, minibatches]
+        runner = runner._replace(
+            params=params, opt_state=opt_state, key=key, update=runner.update + 1
+        )
+
+        metrics = {k: v.mean() for k, v in stats.items() if k != "ratio_dev"}
+        # Before the first gradient step the update must score exactly the acting policy.
+        metrics["ratio_dev_first"] = stats["ratio_dev"][0, 0]
+        metrics["kl_first"] = stats["approx_kl"][0, 0]
+        finished = traj.info["returned_episode"]
+        n_finished = finished.sum()
+        for k in setup.episode_keys:
+            total = jnp.where(finished, traj.info[k], 0.0).sum()
+            metrics[metric_name(k)] = jnp.where(n_finished > 0, total / n_finished, jnp.nan)
+        metrics["episodes"] = n_finished.astype(jnp.float32)
+        return runner, metrics
+
+    def train(keys: jax.Array) -> tuple[RunnerState, dict]:
+        runner = jax.vmap(init)(keys)
+
+        def body(runner: RunnerState, _):
+            runner, metrics = jax.vmap(update)(runner)
+            if evaluate is not None:
+                # A real branch (the predicate is not batched), so the eval runs only when due.
+                step = runner.update[0]
+                metrics["eval_return"] = jax.lax.cond(
+                    (step % cfg.eval_every == 0) | (step == cfg.num_updates),
+                    lambda r: jax.vmap(evaluate)(r.params, jax.random.split(r.key[0], len(r.key))),
+                    lambda r: jnp.full(r.update.shape, jnp.nan),
+                    runner,
+                )
+            if progress is not None:
+                jax.debug.callback(progress, runner.update[0], metrics)
+            return runner, metrics
+
+        return jax.lax.scan(body, runner, None, cfg.num_updates)
+
+    return train
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: progress, outputs, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Host side of the progress callback: a tqdm bar and the wall time of every update."""
+
+    def __init__(self, cfg: Config, headline: str, show: bool):
+        self.cfg, self.headline, self.show = cfg, headline, show
+        self.times: dict[int, float] = {}
+        self.bar = None
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the clock and the bar: call it right before running the compiled program."""
+        from tqdm.auto import tqdm
+
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(
+            total=self.cfg.num_updates * self.cfg.steps_per_update * self.cfg.num_seeds,
+            unit="step",
+            unit_scale=True,
+            desc=f"{self.cfg.env} {self.cfg.memory}",
+            disable=not self.show,
+            dynamic_ncols=True,
+        )
+        self.times = {}
+        self.start_time = time.perf_counter()
+
+    def __call__(self, update, metrics) -> None:
+        self.times[int(update)] = time.perf_counter()
+        self.bar.update(self.cfg.steps_per_update * self.cfg.num_seeds)
+        value = (
+            np.nanmean(metrics[self.headline])
+            if np.isfinite(metrics[self.headline]).any()
+            else None
+        )
+        if value is not None:
+            self.bar.set_postfix_str(f"{self.headline} {value:.3f}", refresh=False)
+
+    def steps_per_second(self) -> np.ndarray:
+        """[num_updates] env steps per second (all seeds) of each update."""
+        done = [self.start_time] + [
+            self.times.get(u, np.nan) for u in range(1, self.cfg.num_updates + 1)
+        ]
+        return self.cfg.steps_per_update * self.cfg.num_seeds / np.diff(np.asarray(done))
+
+
+def _seed_sharding(num_seeds: int):
+    """A sharding that splits the seed axis over all devices, or None with one device."""
+    devices = jax.devices()
+    if len(devices) < 2 or num_seeds % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("seed",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+
+def headline_metric(setup: Setup) -> str:
+    """The metric the bar, plot and summary report: eval-task return for meta-RL envs."""
+    return "eval_return" if setup.eval_params is not None else "episode_return"
+
+
+def run(cfg: Config) -> dict:
+    """Train per `cfg`, write the outputs to cfg.out, print and return a summary dict."""
+    setup = make_env_and_network(cfg)
+    headline = headline_metric(setup)
+    progress = Progress(cfg, headline, show=False)
+    train = make_train(cfg, progress)
+
+    keys = make_keys(cfg)
+    sharding = _seed_sharding(cfg.num_seeds)
+    if sharding is not None:
+        keys = jax.device_put(keys, sharding)
+    t0 = time.perf_counter()
+    compiled = jax.jit(train).lower(keys).compile()
+    compile_s = time.perf_counter() - t0
+    progress.show = cfg.progress
+    progress.start()
+    t0 = time.perf_counter()
+    runner, metrics = jax.block_until_ready(compiled(keys))
+    run_s = time.perf_counter() - t0
+    progress.bar.close()
+
+    metrics = {k: np.asarray(v) for k, v in metrics.items()}
+    random_return = float(
+        jax.jit(make_evaluate(cfg, setup, random_policy=True))(None, jax.random.key(cfg.seed + 1))
+    )
+    summary = write_outputs(cfg, runner.params, metrics, progress.steps_per_second(), headline)
+    summary.update(
+        compile_s=compile_s,
+        run_s=run_s,
+        steps_per_s=cfg.num_updates * cfg.steps_per_update * cfg.num_seeds / run_s,
+        random_return=random_return,
+        devices=1 if sharding is None else len(jax.devices()),
+    )
+    print(
+        f"{cfg.env} | {cfg.memory} (size {cfg.memory_size}) | {cfg.num_seeds} seed(s) x "
+        f"{cfg.num_updates * cfg.steps_per_update:,} steps | final {headline} "
+        f"{summary['final']:.3f} ± {summary['final_std']:.3f} (random policy {random_return:.3f}) | "
+        f"compile {compile_s:.1f}s, run {run_s:.1f}s, {summary['steps_per_s']:,.0f} steps/s | "
+        f"-> {cfg.out}"
+    )
+    return summary
+
+
+def _ffill(x: np.ndarray) -> np.ndarray:
+    """Forward-fill NaNs along axis 0 of [U, S] (updates in which no episode finished)."""
+    x = x.copy()
+    for u in range(1, len(x)):
+        x[u] = np.where(np.isnan(x[u]), x[u - 1], x[u])
+    return x
+
+
+def write_outputs(cfg: Config, params, metrics: dict, steps_per_s: np.ndarray, headline: str):
+    """Write config.json, metrics.csv, returns.png and params.msgpack to cfg.out."""
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    with open(os.path.join(cfg.out, "params.msgpack"), "wb") as f:
+        f.write(serialization.to_bytes(jax.device_get(params)))
+
+    U, S = cfg.num_updates, cfg.num_seeds
+    env_steps = (np.arange(U) + 1) * cfg.steps_per_update
+    names = sorted(metrics)
+    order = [n for n in ("episode_return", "episode_length", "eval_return") if n in names]
+    names = order + [n for n in names if n not in order]
+    with open(os.path.join(cfg.out, "metrics.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["update", "seed", "env_steps", "steps_per_s", *names])
+        for u in range(U):
+            for s in range(S):
+                row = [u + 1, s, env_steps[u], f"{steps_per_s[u]:.1f}"]
+                row += [
+                    "" if np.isnan(metrics[n][u, s]) else f"{metrics[n][u, s]:.6g}" for n in names
+                ]
+                writer.writerow(row)
+
+    curve = _ffill(metrics[headline])  # [U, S]
+    plot_returns(
+        env_steps,
+        curve,
+        headline,
+        f"{cfg.env}, {cfg.memory} (size {cfg.memory_size})",
+        os.path.join(cfg.out, "returns.png"),
+    )
+    tail = curve[-max(1, U // 10) :]  # last 10% of updates
+    per_seed = np.nanmean(tail, axis=0) if np.isfinite(tail).any() else np.full(S, np.nan)
+    return dict(
+        final=float(np.mean(per_seed)),
+        final_std=float(np.std(per_seed)),
+        final_per_seed=per_seed.tolist(),
+    )
+
+
+def plot_returns(env_steps, curve, ylabel: str, title: str, path: str) -> None:
+    """Mean ± std over seeds of curve [U, S] against env steps, saved to path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():  # all-NaN columns: no episode finished yet
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = np.nanmean(curve, axis=1), np.nanstd(curve, axis=1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(env_steps, mean)
+    ax.fill_between(env_steps, mean - std, mean + std, alpha=0.3)
+    ax.set(xlabel="env steps (per seed)", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_run(directory: str) -> tuple[Config, Any]:
+    """Read config.json and params.msgpack of a finished run (params leaves have a seed axis)."""
+    config_path = os.path.join(directory, "config.json")
+    params_path = os.path.join(directory, "params.msgpack")
+    for path in (config_path, params_path):
+        if not os.path.exists(path):
+            raise ValueError(f"--eval {directory!r}: no {os.path.basename(path)} in it")
+    with open(config_path) as f:
+        cfg = Config(**json.load(f))
+    with open(params_path, "rb") as f:
+        params = serialization.msgpack_restore(f.read())
+    return cfg, params
+
+
+def evaluate_run(directory: str, episodes_key: int = 1234) -> dict:
+    """Reload a run and report the mean return of each seed's final params (fresh envs)."""
+    cfg, params = load_run(directory)
+    setup = make_env_and_network(cfg)
+    evaluate = jax.jit(jax.vmap(make_evaluate(cfg, setup)))
+    keys = jax.random.split(jax.random.key(episodes_key), cfg.num_seeds)
+    returns = np.asarray(evaluate(params, keys))
+    random_return = float(
+        jax.jit(make_evaluate(cfg, setup, random_policy=True))(None, jax.random.key(episodes_key))
+    )
+    what = "held-out-task return" if setup.eval_params is not None else "return"
+    print(
+        f"{directory}: {cfg.env} | {cfg.memory} | mean {what} {returns.mean():.3f} ± "
+        f"{returns.std():.3f} over {cfg.num_seeds} seed(s) (per seed: "
+        f"{', '.join(f'{r:.3f}' for r in returns)}; random policy {random_return:.3f})"
+    )
+    return dict(returns=returns.tolist(), random_return=random_return)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Config from command-line flags (generated from the dataclass by tyro); `--preset NAME`
+    picks the defaults the other flags then override."""
+    import tyro
+
+    preset = "none"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+    default = PRESETS.get(preset, PRESETS["none"])
+    return tyro.cli(Config, default=default, args=argv, description=Config.__doc__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python train.py [flags]` trains; `python train.py --eval DIR` evaluates a finished run."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "--eval":
+            if len(argv) != 2:
+                raise ValueError("usage: python train.py --eval DIR")
+            evaluate_run(argv[1])
+            return
+        cfg = parse_config(argv)
+        make_env_and_network(cfg)  # all user-input errors surface here, before compiling
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
