@@ -7,7 +7,13 @@ collection, right door / key) and of a uniform random policy per registered id, 
 throughput of `jit(scan(vmap(step_env)))` over one episode with random actions.
 """
 
-from __future__ import annotations
+import pathlib
+import sys
+
+# Run as `python bench/<name>.py`: put the repo root first on the path, not bench/ (whose envs.py
+# and train.py would shadow the `envs` package and `train.py`).
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 
 import argparse
 import os

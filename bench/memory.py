@@ -11,7 +11,13 @@ memory (arguments + outputs + temporaries, from XLA's memory analysis). Rows:
 - `GRU(256)`: flax GRUCell with 256 hidden units under a scan, input width H, same T and B.
 """
 
-from __future__ import annotations
+import pathlib
+import sys
+
+# Run as `python bench/<name>.py`: put the repo root first on the path, not bench/ (whose envs.py
+# and train.py would shadow the `envs` package and `train.py`).
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 
 import argparse
 import os

@@ -8,7 +8,13 @@ Compile time is measured apart (AOT: `jax.jit(train).lower(keys).compile()`), th
 run is timed to completion.
 """
 
-from __future__ import annotations
+import pathlib
+import sys
+
+# Run as `python bench/<name>.py`: put the repo root first on the path, not bench/ (whose envs.py
+# and train.py would shadow the `envs` package and `train.py`).
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 
 import argparse
 import dataclasses

@@ -14,15 +14,21 @@ from flax import struct
 from gymnax.environments import environment, spaces
 
 DECK_SIZE = 52
+_RANK_PERMUTATION_MAX = 104  # largest n for the O(n^2) rank permutation
 
 
 def random_permutation(key: jax.Array, n: int) -> jax.Array:
     """A uniform random permutation of [0, n): int32 [n].
 
-    The ranks of n iid random 32-bit keys (ties, probability < n^2 / 2^33, broken by index).
-    Counting the keys above each key is O(n^2) but branch-free and, for the n <= ~200 of the
-    card and board games, several times faster on a CPU than `jax.random.permutation`'s sorts.
+    For n <= 104: the ranks of n iid random 32-bit keys (ties, probability < n^2 / 2^33, broken
+    by index); counting the keys above each key is O(n^2) but branch-free, and on a CPU as fast
+    as or faster than `jax.random.permutation`'s sorts up to n = 104 (measured under vmap over
+    1024 keys: 3 vs 5 ms at n = 52, 25 vs 27 ms at n = 104). Above that the O(n^2) count loses
+    (91 vs 22 ms at n = 156, 2.0 vs 0.22 s at n = 832), so larger decks use
+    `jax.random.permutation`.
     """
+    if n > _RANK_PERMUTATION_MAX:
+        return jax.random.permutation(key, n).astype(jnp.int32)
     bits = jax.random.bits(key, (n,), jnp.uint32)
     idx = jnp.arange(n)
     above = (bits[None, :] > bits[:, None]) | (

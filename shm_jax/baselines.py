@@ -36,7 +36,7 @@ class GRU(_NoAux, nn.Module):
 
         def step(cell, h, inputs):
             xt, reset = inputs
-            h = jnp.where(reset[:, None], 0.0, h)
+            h = jnp.where(reset[..., None], 0.0, h)
             return cell(h, xt)
 
         scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False})

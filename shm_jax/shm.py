@@ -14,15 +14,46 @@ memory the agent acted with (the authors' RLlib code re-draws them: spec, "disag
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from shm_jax.scan import hadamard_read, hadamard_scan
+from shm_jax.scan import DEFAULT_CHUNK, choose_method, hadamard_read, hadamard_scan
 
 CALIBRATIONS = ("shm", "none", "fixed", "single_theta")
+CALIBRATED = ("shm", "single_theta")  # C_t = 1 + tanh(θ_t c_tᵀ)
+
+
+def factored_read(theta, c, eta_v, k, q, resets, memory, chunk: int = DEFAULT_CHUNK):
+    """Y_t = M_t q_t for M_t = (1 + tanh(θ_t c_tᵀ)) ⊙ M_{t-1} + (η_t v_t) k_tᵀ, sequentially.
+
+    All inputs [T, *batch, H] (resets [T, *batch], memory [*batch, H, H]). C_t and U_t are formed
+    inside the step, and each chunk of `chunk` steps is rematerialised in the backward pass, so
+    memory stays O(T·B·H + (T/chunk)·B·H²). Returns (Y [T, *batch, H], M_last)."""
+    T = theta.shape[0]
+    n = math.ceil(T / chunk) if T > chunk else 1
+    size = T if n == 1 else chunk
+    pad = n * size - T
+    # zero padding is an identity step: tanh(0) = 0 gives C = 1, and η v = 0 gives U = 0
+    xs = tuple(
+        jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+        for a in (theta, c, eta_v, k, q, resets)
+    )
+    xs = tuple(a.reshape(n, size, *a.shape[1:]) for a in xs)
+
+    def step(M, x):
+        th, ct, ev, kt, qt, r = x
+        M = jnp.where(r[..., None, None], 0.0, M)
+        M = (1 + jnp.tanh(th[..., :, None] * ct[..., None, :])) * M + ev[..., :, None] * kt[
+            ..., None, :
+        ]
+        return M, jnp.einsum("...ij,...j->...i", M, qt)
+
+    M_last, Y = jax.lax.scan(jax.checkpoint(lambda M, x: jax.lax.scan(step, M, x)), memory, xs)
+    return Y.reshape(n * size, *Y.shape[2:])[:T], M_last
 
 
 class SHM(nn.Module):
@@ -97,38 +128,56 @@ class SHM(nn.Module):
             )
             self.calib_proj = dense(H)
 
-    def _factors(self, x, aux):
-        """Per-step C, U [T, B, H, H], query q [T, B, H] and shortcut [T, B, H] from x [T, B, d]."""
+    def _vectors(self, x, aux):
+        """The per-step vectors, each [T, B, H]: θ_t, c_t (None unless calibrated by θ), η_t v_t,
+        k_t, q_t, and the shortcut W_s x̂ + b_s."""
         xh = self.norm(x)
         k = nn.relu(self.key_proj(xh))
         k = k / (1e-5 + k.sum(-1, keepdims=True))
         q = nn.relu(self.query_proj(xh))
         q = q / (1e-5 + q.sum(-1, keepdims=True))
-        eta = nn.sigmoid(self.eta_proj(xh))  # [T, B, 1]
-        U = (eta * self.value_proj(xh))[..., :, None] * k[..., None, :]
+        eta_v = nn.sigmoid(self.eta_proj(xh)) * self.value_proj(xh)
+        theta = c = None
+        if self.calibration in ("shm", "single_theta"):
+            theta, c = self.theta[aux], self.calib_proj(xh)
+        return theta, c, eta_v, k, q, self.shortcut(xh)
+
+    def _factors(self, x, aux):
+        """Per-step C, U [T, B, H, H], query q [T, B, H] and shortcut [T, B, H] from x [T, B, d]."""
+        theta, c, eta_v, k, q, shortcut = self._vectors(x, aux)
+        U = eta_v[..., :, None] * k[..., None, :]
         if self.calibration == "none":
             C = jnp.ones_like(U)
         elif self.calibration == "fixed":
             C = jnp.broadcast_to(self.fixed_calibration, U.shape)
         else:
-            theta = self.theta[aux]  # [T, B, H]
-            c = self.calib_proj(xh)
             C = 1 + jnp.tanh(theta[..., :, None] * c[..., None, :])
-        return C, U, q, self.shortcut(xh)
+        return C, U, q, shortcut
 
     def __call__(self, carry, x, resets, aux):
         """carry M [B, H, H]; x [T, B, d]; resets [T, B] bool; aux [T, B] int32 θ indices.
 
         Returns (M after the last step [B, H, H], out [T, B, features])."""
+        T, H = x.shape[0], self.size
+        method = self.method
+        if method == "auto":
+            method = choose_method(T, math.prod(x.shape[1:-1]), H)
+        if self.clamp is None and method == "sequential" and self.calibration in CALIBRATED:
+            # Build C_t and U_t inside the scan step from [T, B, H] vectors: the same numbers as
+            # hadamard_read's sequential form without ever holding C, U [T, B, H, H] in memory.
+            theta, c, eta_v, k, q, shortcut = self._vectors(x, aux)
+            read, M_last = factored_read(theta, c, eta_v, k, q, resets, carry)
+            return M_last, self.out_proj(read + shortcut)
         C, U, q, shortcut = self._factors(x, aux)
         if self.clamp is None:
-            read, M_last = hadamard_read(C, U, q, resets=resets, memory=carry, method=self.method)
+            read, M_last = hadamard_read(C, U, q, resets=resets, memory=carry, method=method)
         else:
 
             def step(M, inputs):
                 c, u, qt, r = inputs
-                M = jnp.clip(c * jnp.where(r[:, None, None], 0.0, M) + u, -self.clamp, self.clamp)
-                return M, jnp.einsum("bij,bj->bi", M, qt)
+                M = jnp.where(r[..., None, None], 0.0, M)
+                M = jnp.clip(c * M + u, -self.clamp, self.clamp)
+                return M, jnp.einsum("...ij,...j->...i", M, qt)
 
             M_last, read = jax.lax.scan(step, carry, (C, U, q, resets))
         return M_last, self.out_proj(read + shortcut)

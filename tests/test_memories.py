@@ -81,6 +81,8 @@ def numpy_shm(p, M, x, resets, aux, calibration):
         eta = 1 / (1 + np.exp(-(xh @ we)))
         if calibration == "none":
             C = np.ones_like(M)
+        elif calibration == "fixed":
+            C = np.broadcast_to(f(p["fixed_calibration"]), M.shape)
         else:
             theta = f(p["theta"])[np.asarray(aux[t])]
             c = xh @ f(p["calib_proj"]["kernel"])
@@ -92,7 +94,7 @@ def numpy_shm(p, M, x, resets, aux, calibration):
     return np.stack(outs), M
 
 
-@pytest.mark.parametrize("calibration", ["shm", "none", "single_theta"])
+@pytest.mark.parametrize("calibration", ["shm", "none", "fixed", "single_theta"])
 @pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
 def test_shm_matches_numpy_reference(calibration, method, inputs):
     x, resets = inputs
@@ -156,3 +158,46 @@ def test_registry_errors():
         SHM(size=4, calibration="bad")
     assert {"shm", "gru", "lru", "shm_nocal", "shm_fixed", "shm_single"} <= set(memory_names)
     assert shm_jax.make_memory("shm_fixed", size=3).calibration == "fixed"
+
+
+def test_clamp_matches_numpy_reference(inputs):
+    """With a clamp, M_t = clip(C_t ⊙ M_{t-1} + U_t) at every step (float64 numpy loop)."""
+    x, resets = inputs
+    module = SHM(size=H, calibration="none", clamp=0.05)
+    aux = module.sample_aux(jax.random.PRNGKey(0), (T, B))
+    carry = module.initialize_carry((B,))
+    params = module.init(jax.random.PRNGKey(1), carry, x, resets, aux)
+    M_last, _ = module.apply(params, carry, 100 * x, resets, aux)
+    p = params["params"]
+    f = lambda a: np.asarray(a, np.float64)
+    M = np.zeros((B, H, H))
+    for t in range(T):
+        xt = f(100 * x[t])
+        xh = (xt - xt.mean(-1, keepdims=True)) / np.sqrt(xt.var(-1, keepdims=True) + 1e-6)
+        xh = xh * f(p["norm"]["scale"]) + f(p["norm"]["bias"])
+        k = np.maximum(xh @ f(p["key_proj"]["kernel"]), 0)
+        k = k / (1e-5 + k.sum(-1, keepdims=True))
+        eta = 1 / (1 + np.exp(-(xh @ f(p["eta_proj"]["kernel"]))))
+        v = xh @ f(p["value_proj"]["kernel"])
+        M = np.where(np.asarray(resets[t])[:, None, None], 0.0, M)
+        M = np.clip(M + eta[:, :, None] * v[:, :, None] * k[:, None, :], -0.05, 0.05)
+    np.testing.assert_allclose(np.asarray(M_last), M, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", memory_names)
+def test_any_batch_shape(name):
+    """carry / aux / resets may have several batch axes ([T, E, B, ...]), as under a vmap-free
+    population of agents."""
+    module = make_memory(name, size=3, features=2, **({"clamp": 1.0} if name == "shm" else {}))
+    carry = module.initialize_carry((2, 3))
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 3, 5))
+    resets = jnp.zeros((4, 2, 3), bool).at[2, 1, 0].set(True)
+    aux = module.sample_aux(jax.random.PRNGKey(1), (4, 2, 3))
+    params = module.init(jax.random.PRNGKey(2), carry, x, resets, aux)
+    carry_T, y = module.apply(params, carry, x, resets, aux)
+    assert y.shape == (4, 2, 3, 2)
+    assert jax.tree.map(jnp.shape, carry_T) == jax.tree.map(jnp.shape, carry)
+    # the same numbers as the flattened batch
+    flat = lambda a, n: a.reshape(a.shape[:n] + (6,) + a.shape[n + 2 :])
+    carry_f, y_f = module.apply(params, flat(carry, 0), flat(x, 1), flat(resets, 1), flat(aux, 1))
+    np.testing.assert_allclose(np.asarray(flat(y, 1)), np.asarray(y_f), rtol=1e-5, atol=1e-6)
