@@ -65,10 +65,10 @@ class Config:
     head: Literal["auto", "categorical", "gaussian"] = "auto"
     """Action head; auto = categorical for Discrete, diagonal Gaussian for Box action spaces."""
     prev_action: bool = True
-    """Append the previous action (one-hot) and a first-step flag to the observation (popgym's
-    baselines do; the SHM authors' POPGym runs did not, so `--preset popgym` turns it off). On by
-    default because it makes the short default run solve RepeatFirstEasy (return 1.0 at 500k
-    steps, against -0.48 without it)."""
+    """Append the previous action (one-hot; raw for Box actions) and a first-step flag to the
+    observation. popgym's baselines do; the SHM authors' POPGym runs did not, so `--preset popgym`
+    turns it off. On by default because it makes the short default run solve RepeatFirstEasy
+    (return 1.0 at 500k steps, against -0.48 without it)."""
     total_timesteps: int = 500_000
     """Env steps per seed (rounded down to whole updates of num_envs x num_steps)."""
     num_envs: int = 32
@@ -295,8 +295,6 @@ def make_env_and_network(cfg: Config) -> Setup:
         raise ValueError(f"--head categorical needs a Discrete action space; {cfg.env!r} has Box")
     if cfg.head == "gaussian" and not continuous:
         raise ValueError(f"--head gaussian needs a Box action space; {cfg.env!r} has Discrete")
-    if cfg.prev_action and continuous:
-        raise ValueError(f"--prev-action needs a Discrete action space; {cfg.env!r} has Box")
 
     venv = _vec_env_class()(env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
     obs_space = env.observation_space(env_params)
