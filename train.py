@@ -612,10 +612,11 @@ def make_train(
         return runner, metrics
 
     def train(keys: jax.Array) -> tuple[RunnerState, dict]:
-        runner = jax.vmap(init)(keys)
+        over_seeds = _seed_map(keys.shape[0])
+        runner = over_seeds(init)(keys)
 
         def body(runner: RunnerState, _):
-            runner, metrics = jax.vmap(update)(runner)
+            runner, metrics = over_seeds(update)(runner)
             if evaluate is not None:
                 # A real branch (the predicate is not batched), so the eval runs only when due.
                 step = runner.update[0]
@@ -682,6 +683,16 @@ class Progress:
             self.times.get(u, np.nan) for u in range(1, self.cfg.num_updates + 1)
         ]
         return self.cfg.steps_per_update * self.cfg.num_seeds / np.diff(np.asarray(done))
+
+
+def _seed_map(num_seeds: int) -> Callable:
+    """How seeds are batched: `jax.vmap`, except for several seeds on a single CPU device, where
+    `lax.map` runs them one after another inside the same compiled program. jax 0.10.2's CPU
+    runtime was seen to hang on vmapped seeds there (3 seeds, reproducibly); on 2 cores a loop
+    over seeds costs little parallelism."""
+    if num_seeds > 1 and len(jax.devices()) == 1 and jax.default_backend() == "cpu":
+        return lambda f: lambda xs: jax.lax.map(f, xs)
+    return jax.vmap
 
 
 def _seed_sharding(num_seeds: int):
