@@ -82,6 +82,11 @@ def _associative(C, U):
     return jax.lax.associative_scan(_combine, (C, U), axis=0)[1]
 
 
+def _associative_from(M, c, u):
+    """Every state of one chunk [t, *batch, H, H], starting from the carried memory M."""
+    return _associative(c, u.at[0].add(c[0] * M))
+
+
 def _read(M, q):
     return jnp.einsum("...ij,...j->...i", M, q)
 
@@ -99,7 +104,7 @@ def _chunk_read(inner: str):
 
     def associative(M, xs):
         c, u, qt = xs
-        M_all = _associative(c, u.at[0].add(c[0] * M))
+        M_all = _associative_from(M, c, u)
         return M_all[-1], _read(M_all, qt)
 
     return jax.checkpoint(sequential if inner == "sequential" else associative)
@@ -155,8 +160,7 @@ def hadamard_scan(C, U, *, resets=None, memory=None, method: str = "auto"):
     else:  # chunked: associative inside chunks, each chunk's last state carried sequentially.
 
         def body(M, xs):
-            c, u = xs
-            M_c = _associative(c, u.at[0].add(c[0] * M))
+            M_c = _associative_from(M, *xs)
             return M_c[-1], M_c
 
         Cs, Us, _ = _pad_split(C, U, None, min(DEFAULT_CHUNK, T))

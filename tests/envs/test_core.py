@@ -61,13 +61,12 @@ def test_every_reset_is_fresh_and_independent():
         leaf, done = np.asarray(leaf), np.asarray(done)
         fresh = [tuple(leaf[t, i].ravel()) for t, i in zip(*np.nonzero(done), strict=True)]
         assert len(fresh) > N
-        # same-step resets never share a state (boards of 16 cells with 2 mines: 120 layouts,
-        # so compare within a step, where a shared fresh state would show up)
-        for t in np.flatnonzero(done.any(1)):
-            rows = [tuple(leaf[t, i].ravel()) for i in np.flatnonzero(done[t])]
-            if env_id.startswith("Repeat"):
-                assert len(set(rows)) == len(rows)
         if env_id.startswith("Repeat"):
+            # same-step resets never share a deck (MineSweeperEasy has only 120 layouts, so
+            # repeats there are expected and only the count above is checked)
+            for t in np.flatnonzero(done.any(1)):
+                rows = [tuple(leaf[t, i].ravel()) for i in np.flatnonzero(done[t])]
+                assert len(set(rows)) == len(rows)
             assert len(set(fresh)) == len(fresh)
 
 
