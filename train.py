@@ -60,8 +60,22 @@ class Config:
     """Memory module, any name in `shm_jax.memory_names`."""
     memory_size: int = 32
     """Memory size: H for SHM (the memory is H x H), the hidden size for GRU and the others."""
+    memory_features: int = 0
+    """Default agent: the memory's output width (SHM's output projection W_o; 0 = the memory
+    size, as the layer defaults to)."""
+    memory_size_auto: bool = False
+    """Pick --memory-size from the env's level as the authors did (SHM: 128 Easy, 64 Medium,
+    32 Hard; other memories 64, their script's GRU default). `--preset paper-popgym` sets it."""
     hidden: int = 128
     """Width of the observation embedding and of the actor / critic hidden layers."""
+    agent: Literal["default", "paper"] = "default"
+    """Network: default = embedding -> memory -> heads; paper = the SHM authors' POPGym agent
+    (spec/paper_popgym.md: 128-wide feature map, LayerNorm, time embedding for SHM only, 64-wide
+    pre/post-processors, SHM read-out widened to 1024)."""
+    time_embedding: int = 16
+    """Default agent: width of a sinusoidal encoding of the step index inside the episode,
+    appended to every memory's input alike (0 = off). Without it SHM cannot tell how far back a
+    write was (README, "Why SHM learned slowly"). The paper agent uses its own 128-wide one."""
     head: Literal["auto", "categorical", "gaussian"] = "auto"
     """Action head; auto = categorical for Discrete, diagonal Gaussian for Box action spaces."""
     prev_action: bool = True
@@ -94,7 +108,17 @@ class Config:
     vf_coef: float = 0.5
     """Value loss coefficient."""
     max_grad_norm: float = 0.5
-    """Global gradient-norm clip."""
+    """Global gradient-norm clip (0 = no clipping, as in the authors' RLlib config)."""
+    vf_loss_clip: float = 0.0
+    """If > 0, clip the squared value error at this value (RLlib's vf_clip_param; the value
+    change is then not clipped). 0 = PPO's value clipping by --clip-eps (PureJaxRL)."""
+    kl_coeff: float = 0.0
+    """Initial coefficient of a KL(old || new) penalty, adapted after every update toward
+    --kl-target (x1.5 above 2x target, x0.5 below target/2; RLlib). 0 = no penalty."""
+    kl_target: float = 0.01
+    """Target KL of the adaptive penalty."""
+    adv_norm: Literal["minibatch", "batch"] = "minibatch"
+    """Standardise advantages per minibatch (PureJaxRL) or over the whole batch (RLlib)."""
     num_seeds: int = 1
     """Independent seeds trained in parallel (vmapped; sharded when several devices are visible)."""
     seed: int = 0
@@ -105,8 +129,21 @@ class Config:
     """Output directory: config.json, metrics.csv, returns.png, params.msgpack."""
     progress: bool = True
     """Show a live progress bar (host callbacks from inside the compiled run)."""
-    preset: Literal["none", "popgym"] = "none"
-    """Settings preset applied before the other flags: popgym = the SHM paper's POPGym PPO."""
+    preset: Literal["none", "popgym", "paper-popgym"] = "none"
+    """Settings preset applied before the other flags: paper-popgym = the SHM authors' POPGym
+    agent and RLlib PPO (the paper's setting); popgym = their PPO sizes with our agent."""
+
+    @property
+    def mem_size(self) -> int:
+        """The memory size actually used (resolves --memory-size-auto from the env's level)."""
+        if not self.memory_size_auto:
+            return self.memory_size
+        if not self.memory.startswith("shm"):
+            return 64
+        for level, size in (("Easy", 128), ("Medium", 64), ("Hard", 32)):
+            if level in self.env:
+                return size
+        return self.memory_size
 
     @property
     def steps_per_update(self) -> int:
@@ -143,6 +180,29 @@ PRESETS: dict[str, Config] = {
         prev_action=False,
         preset="popgym",
     ),
+    # The authors' POPGym agent and RLlib 2.3 PPO exactly as spec/paper_popgym.md states.
+    "paper-popgym": Config(
+        agent="paper",
+        memory_size_auto=True,
+        num_envs=64,
+        num_steps=1024,
+        num_epochs=30,
+        num_minibatches=8,
+        lr=5e-5,
+        gamma=0.99,
+        gae_lambda=1.0,
+        clip_eps=0.3,
+        ent_coef=0.0,
+        vf_coef=1.0,
+        max_grad_norm=0.0,
+        vf_loss_clip=10.0,
+        kl_coeff=0.2,
+        kl_target=0.01,
+        adv_norm="batch",
+        total_timesteps=15_000_000,
+        prev_action=False,
+        preset="paper-popgym",
+    ),
 }
 
 
@@ -171,6 +231,13 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--gamma {cfg.gamma} and --gae-lambda {cfg.gae_lambda} must be in [0, 1]")
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.time_embedding < 0 or cfg.time_embedding % 2:
+        raise ValueError(f"--time-embedding must be an even width >= 0, got {cfg.time_embedding}")
+    for name in ("max_grad_norm", "vf_loss_clip", "kl_coeff", "memory_features"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = off)")
+    if cfg.kl_target <= 0:
+        raise ValueError(f"--kl-target must be > 0, got {cfg.kl_target}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,27 +249,74 @@ def _orth(scale: float) -> Callable:
     return nn.initializers.orthogonal(scale)
 
 
-class ActorCritic(nn.Module):
+def episode_step(t_last: jax.Array, resets: jax.Array) -> jax.Array:
+    """The step index inside the episode, t [T, B] int32 (0 at an episode's first step).
+
+    t_last [B]: the index of the step before this sequence (carried between rollouts);
+    resets [T, B] bool: the step starts an episode."""
+    idx = jnp.arange(resets.shape[0], dtype=jnp.int32)[:, None]
+    last_reset = jax.lax.cummax(jnp.where(resets, idx, -1), axis=0)
+    return jnp.where(last_reset >= 0, idx - last_reset, t_last + 1 + idx)
+
+
+def sinusoidal_table(max_len: int, width: int) -> np.ndarray:
+    """[max_len, width] float32: row t holds sin(t w_i) at 2i and cos(t w_i) at 2i + 1, with
+    w_i = exp(-2i ln(max_len) / width) (the authors' PositionalEncoding with ln(max_len) in place
+    of the usual ln(10000); spec/paper_popgym.md)."""
+    t = np.arange(max_len, dtype=np.float64)[:, None]
+    w = np.exp(-np.arange(0, width, 2, dtype=np.float64) * math.log(max_len) / width)
+    table = np.zeros((max_len, width), np.float64)
+    table[:, 0::2] = np.sin(t * w)
+    table[:, 1::2] = np.cos(t * w)[:, : width // 2]
+    return table.astype(np.float32)
+
+
+MAX_EPISODE_INDEX = 1024  # rows of the time-embedding tables; later steps reuse the last row
+
+
+def time_encoding(t: jax.Array, width: int) -> jax.Array:
+    """Sinusoidal encoding [..., width] of step indices t [...] (clamped to the table)."""
+    table = jnp.asarray(sinusoidal_table(MAX_EPISODE_INDEX, width))
+    return table[jnp.minimum(t, MAX_EPISODE_INDEX - 1)]
+
+
+class AgentBase(nn.Module):
+    """What the two agents share: the carry is (memory carry, step index t of the last step)."""
+
+    memory: nn.Module
+
+    def initialize_carry(self, batch_shape: tuple[int, ...]):
+        """(memory carry [*batch, ...], t_last int32 [*batch])."""
+        return (self.memory.initialize_carry(batch_shape), jnp.zeros(batch_shape, jnp.int32))
+
+
+class ActorCritic(AgentBase):
     """Embedding -> memory -> actor and critic heads, time-major.
 
     `__call__(carry, obs [T, B, obs_dim], resets [T, B] bool, aux [T, B])` returns
     `(carry, policy_out, value [T, B])` where `policy_out` is the logits `[T, B, A]` (categorical)
-    or `(mean [T, B, A], log_std [A])` (diagonal Gaussian).
+    or `(mean [T, B, A], log_std [A])` (diagonal Gaussian). With `time_embedding > 0` a
+    sinusoidal encoding of the step index inside the episode is appended to the observation, the
+    same for every memory.
     """
 
-    memory: nn.Module
-    action_dim: int
-    continuous: bool
+    action_dim: int = 1
+    continuous: bool = False
     hidden: int = 128
     pixel_dims: int = 0  # leading obs components that are uint8 pixels (scaled to [0, 1] here)
+    time_embedding: int = 0
 
     @nn.compact
     def __call__(self, carry, obs, resets, aux):
+        mem_carry, t_last = carry
+        t = episode_step(t_last, resets)
         x = obs.astype(jnp.float32)
         if self.pixel_dims:
             x = x.at[..., : self.pixel_dims].multiply(1.0 / 255.0)
+        if self.time_embedding:
+            x = jnp.concatenate([x, time_encoding(t, self.time_embedding)], axis=-1)
         x = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)), name="embed")(x))
-        carry, y = self.memory(carry, x, resets, aux)  # y: [T, B, features]
+        mem_carry, y = self.memory(mem_carry, x, resets, aux)  # y: [T, B, features]
 
         a = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)))(y))
         a = nn.Dense(self.action_dim, kernel_init=_orth(0.01))(a)
@@ -214,7 +328,75 @@ class ActorCritic(nn.Module):
 
         v = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)))(y))
         value = nn.Dense(1, kernel_init=_orth(1.0))(v)[..., 0]
-        return carry, policy_out, value
+        return (mem_carry, t[-1]), policy_out, value
+
+
+class TorchDense(nn.Module):
+    """nn.Dense with torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    and orthogonal (gain 1) weights unless told otherwise: the authors' agent's layers."""
+
+    features: int
+    kernel_init: Callable = nn.initializers.orthogonal(1.0)
+
+    @nn.compact
+    def __call__(self, x):
+        bound = 1.0 / math.sqrt(x.shape[-1])
+        bias_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+            key, shape, dtype, -bound, bound
+        )
+        return nn.Dense(self.features, kernel_init=self.kernel_init, bias_init=bias_init)(x)
+
+
+class PaperAgent(AgentBase):
+    """The SHM authors' POPGym agent (spec/paper_popgym.md), time-major, same interface as
+    `ActorCritic`: feature map Linear(obs -> 128) + LayerNorm (no scale/shift); for SHM the time
+    embedding x <- (1 - s) x + s pe[t] with a learned strength s (clamped to [0, 1] after every
+    update by `project_params`); Linear(128 -> 64) + ReLU; the memory (SHM's read-out widened to
+    1024 by the layer's output projection); Linear(-> 64) + ReLU; actor Linear(64 -> 64) then
+    Linear(64 -> A), critic Linear(64 -> 64) then Linear(64 -> 1), both last layers N(0, 0.01²).
+    """
+
+    action_dim: int = 1
+    continuous: bool = False
+    pixel_dims: int = 0
+    time_embedding: bool = True
+
+    @nn.compact
+    def __call__(self, carry, obs, resets, aux):
+        mem_carry, t_last = carry
+        t = episode_step(t_last, resets)
+        x = obs.astype(jnp.float32)
+        if self.pixel_dims:
+            x = x.at[..., : self.pixel_dims].multiply(1.0 / 255.0)
+        x = TorchDense(128, name="feature_map")(x)
+        x = nn.LayerNorm(use_scale=False, use_bias=False)(x)
+        if self.time_embedding:
+            s = self.param("time_strength", nn.initializers.constant(0.5), ())
+            x = (1.0 - s) * x + s * time_encoding(t, 128)
+        x = nn.relu(TorchDense(64, name="preprocessor")(x))
+        mem_carry, y = self.memory(mem_carry, x, resets, aux)
+        y = nn.relu(TorchDense(64, name="postprocessor")(y))
+        small = nn.initializers.normal(0.01)
+        a = TorchDense(64)(y)
+        a = TorchDense(self.action_dim, kernel_init=small)(a)
+        policy_out = a
+        if self.continuous:
+            log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
+            policy_out = (a, log_std)
+        v = TorchDense(64)(y)
+        value = TorchDense(1, kernel_init=small)(v)[..., 0]
+        return (mem_carry, t[-1]), policy_out, value
+
+
+def project_params(params):
+    """Keep constrained parameters in range after an optimiser step: the paper agent's time
+    embedding strength is clamped to [0, 1] (as the authors' training callback does)."""
+
+    def clamp(path, x):
+        name = getattr(path[-1], "key", None)
+        return jnp.clip(x, 0.0, 1.0) if name == "time_strength" else x
+
+    return jax.tree_util.tree_map_with_path(clamp, params)
 
 
 # The two action distributions as pure functions of the head's output (static `continuous`).
@@ -249,6 +431,24 @@ def entropy(policy_out, continuous: bool):
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
+def kl_divergence(old_out, new_out, continuous: bool):
+    """KL(old || new) of two action distributions given by their head outputs, shape [...]."""
+    if continuous:
+        (m0, s0), (m1, s1) = old_out, new_out
+        var0, var1 = jnp.exp(2 * s0), jnp.exp(2 * s1)
+        return jnp.sum(s1 - s0 + (var0 + (m0 - m1) ** 2) / (2 * var1) - 0.5, axis=-1)
+    logp0, logp1 = jax.nn.log_softmax(old_out), jax.nn.log_softmax(new_out)
+    return jnp.sum(jnp.exp(logp0) * (logp0 - logp1), axis=-1)
+
+
+def adapt_kl_coeff(kl_coeff, kl, target: float):
+    """RLlib's update of the KL penalty after an update: x1.5 if kl > 2 target, x0.5 if kl <
+    target / 2, else unchanged."""
+    return jnp.where(
+        kl > 2.0 * target, kl_coeff * 1.5, jnp.where(kl < 0.5 * target, kl_coeff * 0.5, kl_coeff)
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Environment and PPO pieces
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +467,7 @@ class Setup(NamedTuple):
     env: Any
     env_params: Any
     venv: Any
-    network: ActorCritic
+    network: ActorCritic | PaperAgent
     memory: nn.Module
     continuous: bool
     action_dim: int
@@ -299,8 +499,20 @@ def make_env_and_network(cfg: Config) -> Setup:
     venv = _vec_env_class()(env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
     obs_space = env.observation_space(env_params)
     pixel_dims = int(np.prod(obs_space.shape)) if obs_space.dtype == jnp.uint8 else 0
-    memory = shm_jax.make_memory(cfg.memory, size=cfg.memory_size)
-    network = ActorCritic(memory, action_dim, continuous, cfg.hidden, pixel_dims)
+    is_shm = cfg.memory.startswith("shm")
+    if cfg.agent == "paper":
+        # The authors widen SHM's read-out to 1024; their GRU outputs its hidden state.
+        memory = shm_jax.make_memory(
+            cfg.memory, size=cfg.mem_size, features=1024 if is_shm else None
+        )
+        network = PaperAgent(memory, action_dim, continuous, pixel_dims, time_embedding=is_shm)
+    else:
+        memory = shm_jax.make_memory(
+            cfg.memory, size=cfg.mem_size, features=cfg.memory_features or None
+        )
+        network = ActorCritic(
+            memory, action_dim, continuous, cfg.hidden, pixel_dims, cfg.time_embedding
+        )
 
     # The info keys are static: read them off one abstractly evaluated step.
     def one_step(key):
@@ -344,6 +556,7 @@ class Transition(NamedTuple):
     aux: jax.Array  # [N] the memory's per-step randomness (SHM: θ row indices), replayed later
     action: jax.Array  # [N] int32 or [N, A] float
     log_prob: jax.Array  # [N]
+    policy_out: Any  # the acting distribution's parameters (for the exact KL penalty)
     value: jax.Array  # [N]
     reward: jax.Array  # [N]
     info: dict  # [N] each: returned_episode, returned_episode_*
@@ -357,9 +570,10 @@ class RunnerState(NamedTuple):
     env_state: Any
     obs: jax.Array  # [N, obs_dim] the next observation to act on
     reset: jax.Array  # [N] bool: that observation starts an episode
-    carry: Any  # memory carry, leaves [N, ...]
+    carry: Any  # network carry (memory carry, step index in the episode), leaves [N, ...]
     key: jax.Array
     update: jax.Array  # int32 scalar, updates done so far
+    kl_coeff: jax.Array  # float32 scalar, the adaptive KL penalty's current coefficient
 
 
 def gae(
@@ -405,14 +619,15 @@ def act(setup: Setup, params, carry, obs, reset, key):
     """One step for all N envs: sample the memory's aux, run one memory step, sample an action.
 
     obs: [N, obs_dim]; reset: [N] bool. Returns (carry, action [N] or [N, A], log_prob [N],
-    value [N], aux [N]).
+    value [N], aux [N], policy_out).
     """
     key_aux, key_act = jax.random.split(key)
     aux = setup.memory.sample_aux(key_aux, (1, obs.shape[0]))  # [1, N]
     carry, policy_out, value = setup.network.apply(params, carry, obs[None], reset[None], aux)
     policy_out = jax.tree.map(lambda x: x[0] if x.ndim > 1 else x, policy_out)  # drop T=1
     action = sample_action(key_act, policy_out, setup.continuous)
-    return carry, action, log_prob(policy_out, action, setup.continuous), value[0], aux[0]
+    logp = log_prob(policy_out, action, setup.continuous)
+    return carry, action, logp, value[0], aux[0], policy_out
 
 
 def rollout(setup: Setup, runner: RunnerState, venv, num_steps: int):
@@ -420,7 +635,7 @@ def rollout(setup: Setup, runner: RunnerState, venv, num_steps: int):
 
     def step(runner: RunnerState, _):
         key, key_act, key_env = jax.random.split(runner.key, 3)
-        carry, action, logp, value, aux = act(
+        carry, action, logp, value, aux, policy_out = act(
             setup, runner.params, runner.carry, runner.obs, runner.reset, key_act
         )
         obs, env_state, reward, done, info = venv.step(
@@ -428,7 +643,7 @@ def rollout(setup: Setup, runner: RunnerState, venv, num_steps: int):
         )
         info = {k: v for k, v in info.items() if k.startswith("returned_episode")}
         transition = Transition(
-            runner.reset, done, runner.obs, aux, action, logp, value, reward, info
+            runner.reset, done, runner.obs, aux, action, logp, policy_out, value, reward, info
         )
         runner = runner._replace(env_state=env_state, obs=obs, reset=done, carry=carry, key=key)
         return runner, transition
@@ -466,9 +681,10 @@ def make_evaluate(cfg: Config, setup: Setup, random_policy: bool = False):
                 env_state,
                 obs,
                 jnp.ones((cfg.num_envs,), bool),
-                setup.memory.initialize_carry((cfg.num_envs,)),
+                setup.network.initialize_carry((cfg.num_envs,)),
                 key,
                 jnp.zeros((), jnp.int32),
+                jnp.zeros((), jnp.float32),
             )
             info = rollout(setup, runner, venv, horizon)[1].info
         finished = info["returned_episode"]
@@ -508,23 +724,32 @@ def make_train(
         # optax counts minibatch steps; the rate drops once per update.
         return cfg.lr * (1.0 - (count // (M * cfg.num_epochs)) / cfg.num_updates)
 
-    tx = optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adam(lr_schedule if cfg.anneal_lr else cfg.lr, eps=1e-5),
-    )
+    adam = optax.adam(lr_schedule if cfg.anneal_lr else cfg.lr, eps=1e-5)
+    if cfg.max_grad_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adam)
+    else:
+        tx = optax.chain(optax.identity(), adam)  # same optimiser-state layout either way
 
     def init(key) -> RunnerState:
         key, key_net, key_env, key_aux = jax.random.split(key, 4)
         obs, env_state = venv.reset(key_env)  # obs: [N, obs_dim]
-        carry = memory.initialize_carry((N,))
+        carry = network.initialize_carry((N,))
         reset = jnp.ones((N,), bool)
         aux = memory.sample_aux(key_aux, (1, N))
         params = network.init(key_net, carry, obs[None], reset[None], aux)
         return RunnerState(
-            params, tx.init(params), env_state, obs, reset, carry, key, jnp.zeros((), jnp.int32)
+            params,
+            tx.init(params),
+            env_state,
+            obs,
+            reset,
+            carry,
+            key,
+            jnp.zeros((), jnp.int32),
+            jnp.asarray(cfg.kl_coeff, jnp.float32),
         )
 
-    def loss_fn(params, carry0, traj: Transition, adv, targets):
+    def loss_fn(params, kl_coeff, carry0, traj: Transition, adv, targets):
         """PPO loss on whole sequences: traj leaves [T, B, ...], carry0 leaves [B, ...].
 
         The memory re-runs from the rollout's carry with the rollout's resets and aux, so before
@@ -535,20 +760,28 @@ def make_train(
         log_ratio = new_logp - traj.log_prob
         ratio = jnp.exp(log_ratio)
 
-        value_clipped = traj.value + jnp.clip(value - traj.value, -cfg.clip_eps, cfg.clip_eps)
-        value_loss = 0.5 * jnp.maximum((value - targets) ** 2, (value_clipped - targets) ** 2)
-        value_loss = value_loss.mean()
+        if cfg.vf_loss_clip > 0:  # RLlib: clip the squared error itself
+            value_loss = jnp.minimum((value - targets) ** 2, cfg.vf_loss_clip).mean()
+        else:  # PureJaxRL: clip the value's change
+            value_clipped = traj.value + jnp.clip(value - traj.value, -cfg.clip_eps, cfg.clip_eps)
+            value_loss = 0.5 * jnp.maximum((value - targets) ** 2, (value_clipped - targets) ** 2)
+            value_loss = value_loss.mean()
 
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        if cfg.adv_norm == "minibatch":
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         pg1 = ratio * adv
         pg2 = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
         policy_loss = -jnp.minimum(pg1, pg2).mean()
         ent = entropy(policy_out, continuous).mean()
+        kl = kl_divergence(traj.policy_out, policy_out, continuous).mean()
         total = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * ent
+        if cfg.kl_coeff > 0:
+            total = total + kl_coeff * kl
         stats = dict(
             policy_loss=policy_loss,
             value_loss=value_loss,
             entropy=ent,
+            kl=kl,
             approx_kl=((ratio - 1.0) - log_ratio).mean(),  # the k3 estimator: >= 0, 0 iff equal
             clip_frac=(jnp.abs(ratio - 1.0) > cfg.clip_eps).mean(),
             ratio_dev=jnp.abs(ratio - 1.0).max(),
@@ -568,6 +801,8 @@ def make_train(
         adv, targets = gae(
             traj.value, traj.reward, traj.done, last_value, cfg.gamma, cfg.gae_lambda
         )
+        if cfg.adv_norm == "batch":
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
 
         def epoch(state, key_perm):
             perm = jax.random.permutation(key_perm, N)
@@ -585,21 +820,27 @@ def make_train(
             def minibatch(state, batch):
                 params, opt_state = state
                 carry_mb, (traj_mb, adv_mb, targets_mb) = batch
-                (_, stats), grads = grad_fn(params, carry_mb, traj_mb, adv_mb, targets_mb)
+                (_, stats), grads = grad_fn(
+                    params, runner.kl_coeff, carry_mb, traj_mb, adv_mb, targets_mb
+                )
                 updates, opt_state = tx.update(grads, opt_state, params)
                 stats["grad_norm"] = optax.global_norm(grads)
-                return (optax.apply_updates(params, updates), opt_state), stats
+                params = project_params(optax.apply_updates(params, updates))
+                return (params, opt_state), stats
 
             return jax.lax.scan(minibatch, state, batches)
 
         (params, opt_state), stats = jax.lax.scan(
             epoch, (runner.params, runner.opt_state), jax.random.split(key_epochs, cfg.num_epochs)
         )  # stats leaves: [epochs, minibatches]
+        # RLlib adapts the penalty to the mean KL over all epochs and minibatches of the update.
+        kl_coeff = adapt_kl_coeff(runner.kl_coeff, stats["kl"].mean(), cfg.kl_target)
+        metrics = {k: v.mean() for k, v in stats.items() if k != "ratio_dev"}
+        metrics["kl_coeff"] = runner.kl_coeff
         runner = runner._replace(
-            params=params, opt_state=opt_state, key=key, update=runner.update + 1
+            params=params, opt_state=opt_state, key=key, update=runner.update + 1, kl_coeff=kl_coeff
         )
 
-        metrics = {k: v.mean() for k, v in stats.items() if k != "ratio_dev"}
         # Before the first gradient step the update must score exactly the acting policy.
         metrics["ratio_dev_first"] = stats["ratio_dev"][0, 0]
         metrics["kl_first"] = stats["approx_kl"][0, 0]
@@ -743,7 +984,7 @@ def run(cfg: Config) -> dict:
         devices=1 if sharding is None else len(jax.devices()),
     )
     print(
-        f"{cfg.env} | {cfg.memory} (size {cfg.memory_size}) | {cfg.num_seeds} seed(s) x "
+        f"{cfg.env} | {cfg.memory} (size {cfg.mem_size}) | {cfg.num_seeds} seed(s) x "
         f"{cfg.num_updates * cfg.steps_per_update:,} steps | final {headline} "
         f"{summary['final']:.3f} ± {summary['final_std']:.3f} (random policy {random_return:.3f}) | "
         f"compile {compile_s:.1f}s, run {run_s:.1f}s, {summary['steps_per_s']:,.0f} steps/s | "
@@ -789,7 +1030,7 @@ def write_outputs(cfg: Config, params, metrics: dict, steps_per_s: np.ndarray, h
         env_steps,
         curve,
         headline,
-        f"{cfg.env}, {cfg.memory} (size {cfg.memory_size})",
+        f"{cfg.env}, {cfg.memory} (size {cfg.mem_size})",
         os.path.join(cfg.out, "returns.png"),
     )
     tail = curve[-max(1, U // 10) :]  # last 10% of updates

@@ -129,7 +129,7 @@ def test_shm_aux_matters(shm_run):
     key = jax.random.key(3)
     obs = jax.random.normal(key, (T, B, setup.venv.obs_dim))
     resets = jnp.zeros((T, B), bool).at[0].set(True)
-    carry = setup.memory.initialize_carry((B,))
+    carry = setup.network.initialize_carry((B,))
     out = [
         setup.network.apply(params, carry, obs, resets, setup.memory.sample_aux(k, (T, B)))[1]
         for k in jax.random.split(key, 2)
