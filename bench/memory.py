@@ -2,12 +2,18 @@
 
     python bench/memory.py            # full table (a few minutes on 2 CPU cores)
     python bench/memory.py --quick    # fewer repeats
+    python bench/memory.py --quick --size 128,64,32   # one size (repeatable flag)
 
 For each (T, B, H) it reports sequence steps × batch per second (T·B / seconds) for the forward
 pass and for forward+backward (grad of a sum of the outputs), and the compiled program's peak
 memory (arguments + outputs + temporaries, from XLA's memory analysis). Rows:
 - `scan/<method>`: the bare `hadamard_read` on given C, U [T, B, H, H] and q [T, B, H];
-- `SHM(H)/<method>`: the whole SHM layer (projections, calibration, scan, read-out), input width H;
+- `read/<impl>`: SHM's read from the per-step vectors θ, c, η v, k, q [T, B, H] (C_t and U_t
+  formed inside the step): `factored` = `shm.factored_read` differentiated by autodiff,
+  `fused` = `kernel.fused_read` with its hand-written backward, `pallas` = `kernel.pallas_read`
+  (GPU only: on a CPU it would run interpreted);
+- `SHM(H)/<method>`: the whole SHM layer (projections, calibration, scan, read-out), input width H
+  ("sequential" runs `fused_read`; "pallas" on GPU only);
 - `GRU(256)`: flax GRUCell with 256 hidden units under a scan, input width H, same T and B.
 """
 
@@ -29,10 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import shm_jax
+from shm_jax.kernel import fused_read, pallas_read
 from shm_jax.scan import choose_method, hadamard_read
+from shm_jax.shm import factored_read
 
 SIZES = [(128, 64, 32), (1024, 8, 128), (1024, 64, 32)]
 METHODS = ["sequential", "associative", "chunked", "auto"]
+READS = {"factored": factored_read, "fused": fused_read, "pallas": pallas_read}
 
 
 def timeit(fn, args, repeats: int) -> float:
@@ -70,6 +79,18 @@ def scan_row(T, B, H, method, key):
     return measure(lambda C, U, q: hadamard_read(C, U, q, method=method)[0], (C, U, q), REPEATS)
 
 
+def read_row(T, B, H, impl, key):
+    kv, kc = jax.random.split(key)
+    theta, c, eta_v, k, q = 0.5 * jax.random.normal(kv, (5, T, B, H))
+    resets = jnp.zeros((T, B), bool).at[T // 2].set(True)
+    memory = jnp.zeros((B, H, H))
+
+    def forward(theta, c, eta_v, k, q):
+        return READS[impl](theta, c, eta_v, k, q, resets, memory)[0]
+
+    return measure(forward, (theta, c, eta_v, k, q), REPEATS)
+
+
 def layer_row(name, T, B, H, key, **kwargs):
     module = shm_jax.make_memory(name, **kwargs)
     kx, kp, ka = jax.random.split(key, 3)
@@ -89,7 +110,11 @@ def main():
     global REPEATS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
+    parser.add_argument(
+        "--size", action="append", metavar="T,B,H", help=f"size(s) to run (default {SIZES})"
+    )
     args = parser.parse_args()
+    sizes = [tuple(int(n) for n in size.split(",")) for size in args.size or []] or SIZES
     REPEATS = 2 if args.quick else 5
 
     print(
@@ -100,12 +125,16 @@ def main():
     print("| T, B, H | what | fwd steps/s | fwd+bwd steps/s | fwd+bwd peak MiB |")
     print("|---|---|---:|---:|---:|")
     key = jax.random.PRNGKey(0)
-    for T, B, H in SIZES:
+    gpu = jax.default_backend() == "gpu"
+    for T, B, H in sizes:
         auto = choose_method(T, B, H)
         rows = []
         for method in METHODS:
             rows.append((f"scan/{method}", scan_row(T, B, H, method, key)))
-        for method in METHODS:
+        reads = ["factored", "fused"] + (["pallas"] if gpu else [])
+        for impl in reads:
+            rows.append((f"read/{impl}", read_row(T, B, H, impl, key)))
+        for method in METHODS + (["pallas"] if gpu else []):
             rows.append(
                 (f"SHM({H})/{method}", layer_row("shm", T, B, H, key, size=H, method=method))
             )

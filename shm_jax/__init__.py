@@ -2,6 +2,7 @@
 baseline memories with the same interface, and a registry."""
 
 from shm_jax.baselines import GRU, LRU
+from shm_jax.kernel import fused_read, pallas_read
 from shm_jax.registry import make_memory, memory_names
 from shm_jax.scan import hadamard_read, hadamard_scan
 from shm_jax.shm import SHM
@@ -10,8 +11,10 @@ __all__ = [
     "GRU",
     "LRU",
     "SHM",
+    "fused_read",
     "hadamard_read",
     "hadamard_scan",
     "make_memory",
     "memory_names",
+    "pallas_read",
 ]

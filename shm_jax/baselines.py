@@ -19,10 +19,14 @@ class _NoAux:
 
 
 class GRU(_NoAux, nn.Module):
-    """A GRU (flax `GRUCell`, `size` hidden units) scanned over time with episode resets."""
+    """A GRU (flax `GRUCell`, `size` hidden units) scanned over time with episode resets.
+
+    `unroll`: time steps per iteration of the compiled loop (`nn.scan(unroll=...)`); only speed
+    depends on it, never the numbers."""
 
     size: int
     features: int | None = None
+    unroll: int = 1
     dtype: Any = jnp.float32
 
     def initialize_carry(self, batch_shape: tuple[int, ...]) -> jax.Array:
@@ -39,7 +43,9 @@ class GRU(_NoAux, nn.Module):
             h = jnp.where(reset[..., None], 0.0, h)
             return cell(h, xt)
 
-        scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False})
+        scan = nn.scan(
+            step, variable_broadcast="params", split_rngs={"params": False}, unroll=self.unroll
+        )
         cell = nn.GRUCell(self.size, dtype=self.dtype, param_dtype=self.dtype)
         carry, y = scan(cell, carry, (x, resets))
         if self.features is not None and self.features != self.size:

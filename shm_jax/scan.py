@@ -10,17 +10,25 @@ Three forms give the same numbers (Le et al. 2025, Sec. 3; `shared/spec/shm.md`)
   read-out M_t q_t taken inside so no full M_t leaves its chunk.
 
 Episode starts: `resets[t]` True means the memory restarts from zero before step t's write, so
-M_t = U_t. It is folded in by zeroing C_t (exact, since the recurrence is linear in M). A memory
-carried in from the previous segment is folded into the first write: U_0 += C_0 ⊙ M_prev.
+M_t = U_t. Always by a select, never by multiplying with (1 − reset_t): a memory that overflowed
+to inf in one episode would otherwise give 0 · inf = NaN in the next. The sequential step uses
+M_t = C_t ⊙ select(r_t, 0, M_{t-1}) + U_t; the associative forms carry the flag in the element,
+(A1, B1, r1) ∘ (A2, B2, r2) = (A2 ⊙ sel(r2, 1, A1), A2 ⊙ sel(r2, 0, B1) + B2, r1 ∨ r2) (selecting
+before multiplying keeps the inf out of the gradients, too). A memory carried in from the
+previous segment is folded into the first write: U_0 += C_0 ⊙ select(r_0, 0, M_prev).
 
 Training memory: `hadamard_read` with "sequential" or "chunked" wraps every chunk in
 `jax.checkpoint`, so the backward pass keeps only the H×H memory at chunk boundaries and
 recomputes each chunk's states, instead of storing every M_t (T·B·H² floats).
 
-"auto" picks by backend and size (rule measured with `bench/memory.py`, see README):
-on CPU always "sequential" (it was the fastest method at every size we measured, 2-9x ahead
-of "associative"); on GPU/TPU "associative" while one copy of all M_t is small
-(T·B·H² ≤ 2**24 elements), else "chunked" with chunks of 64 steps.
+"auto" picks by backend and size:
+- CPU: always "sequential" (the fastest method at every size measured with `bench/memory.py`,
+  2-9x ahead of "associative"; the SHM layer runs it as `shm_jax.kernel.fused_read`).
+- GPU/TPU: "associative" whenever its memory fits a budget: the scan keeps about 4 copies of all
+  M_t, so T·B·H² · 4 bytes · 4 ≤ 8 GiB (`ASSOCIATIVE_BUDGET_BYTES`), i.e. T·B·H² ≤ 2**29
+  float32 numbers; else "chunked" with chunks of 64 steps, whose memory is bounded by the chunk.
+  (A rule from the memory budget, not a GPU measurement: no GPU was at hand. The Pallas kernel
+  of `shm_jax.kernel` is never picked by "auto"; ask for it with method="pallas".)
 """
 
 from __future__ import annotations
@@ -32,7 +40,10 @@ import jax.numpy as jnp
 
 METHODS = ("auto", "sequential", "associative", "chunked")
 DEFAULT_CHUNK = 64
-_ASSOCIATIVE_MAX_ELEMENTS = 2**24
+ASSOCIATIVE_BUDGET_BYTES = 8 * 2**30
+# Copies of all M_t the associative scan keeps alive: about 4 (fwd+bwd measured 6 on CPU, see
+# tests/test_scan.py::test_training_memory_is_bounded; the budget leaves room for that).
+_ASSOCIATIVE_COPIES = 4
 
 
 def _validate(C, U, q, resets, memory, method, chunk_size):
@@ -59,16 +70,27 @@ def choose_method(T: int, batch: int, H: int, backend: str | None = None) -> str
     backend = backend or jax.default_backend()
     if backend == "cpu":
         return "sequential"
-    return "associative" if T * batch * H * H <= _ASSOCIATIVE_MAX_ELEMENTS else "chunked"
+    footprint = T * batch * H * H * 4 * _ASSOCIATIVE_COPIES  # float32 bytes
+    return "associative" if footprint <= ASSOCIATIVE_BUDGET_BYTES else "chunked"
 
 
-def _fold(C, U, resets, memory):
-    """Fold resets and the carried memory into (C, U) so the scan starts from M = 0."""
-    if resets is not None:
-        C = C * (1 - resets.astype(C.dtype))[..., None, None]
-    if memory is not None:
-        U = U.at[0].add(C[0] * memory)
-    return C, U
+def _fold_memory(C, U, resets, memory):
+    """Fold the carried memory into the first write, U_0 += C_0 ⊙ M̃_prev, so the scan starts from
+    M = 0 (M̃_prev = 0 when step 0 resets)."""
+    if memory is None:
+        return U
+    return U.at[0].add(C[0] * _drop(None if resets is None else resets[0], memory, 0))
+
+
+def _drop(reset, x, value):
+    """x where no episode starts, else `value`: reset [*batch] bool (None: none), x [*batch, H, H].
+
+    A select, not a product with (1 − reset): a memory that overflowed to inf in one episode
+    must not make 0 · inf = NaN in the next one, in the values nor in the gradients (selecting
+    before multiplying keeps the inf out of both)."""
+    if reset is None:
+        return x
+    return jnp.where(reset[..., None, None], jnp.asarray(value, x.dtype), x)
 
 
 def _combine(left, right):
@@ -77,14 +99,30 @@ def _combine(left, right):
     return a1 * a2, a2 * b1 + b2
 
 
-def _associative(C, U):
+def _combine_resets(left, right):
+    """The operator with the reset flag of the spec: a reset in the right element discards
+    everything on its left."""
+    a1, b1, r1 = left
+    a2, b2, r2 = right
+    return a2 * _drop(r2, a1, 1), a2 * _drop(r2, b1, 0) + b2, r1 | r2
+
+
+def _associative(C, U, resets=None):
     """Every M_t from zero initial memory: [T, *batch, H, H]."""
-    return jax.lax.associative_scan(_combine, (C, U), axis=0)[1]
+    if resets is None:
+        return jax.lax.associative_scan(_combine, (C, U), axis=0)[1]
+    return jax.lax.associative_scan(_combine_resets, (C, U, resets), axis=0)[1]
 
 
-def _associative_from(M, c, u):
+def _associative_from(M, c, u, r):
     """Every state of one chunk [t, *batch, H, H], starting from the carried memory M."""
-    return _associative(c, u.at[0].add(c[0] * M))
+    return _associative(c, u.at[0].add(c[0] * _drop(None if r is None else r[0], M, 0)), r)
+
+
+def _sequential_step(M, x):
+    """M_t = C_t ⊙ M̃_{t-1} + U_t for x = (C_t, U_t, r_t)."""
+    c, u, r = x
+    return c * _drop(r, M, 0) + u
 
 
 def _read(M, q):
@@ -92,42 +130,43 @@ def _read(M, q):
 
 
 def _chunk_read(inner: str):
-    """A function (M_prev, (C, U, q)) -> (M_last, Y) over one chunk, rematerialised."""
+    """A function (M_prev, (C, U, q, resets)) -> (M_last, Y) over one chunk, rematerialised."""
 
     def sequential(M, xs):
         def step(M, x):
-            c, u, qt = x
-            M = c * M + u
+            c, u, qt, r = x
+            M = _sequential_step(M, (c, u, r))
             return M, _read(M, qt)
 
         return jax.lax.scan(step, M, xs)
 
     def associative(M, xs):
-        c, u, qt = xs
-        M_all = _associative_from(M, c, u)
+        c, u, qt, r = xs
+        M_all = _associative_from(M, c, u, r)
         return M_all[-1], _read(M_all, qt)
 
     return jax.checkpoint(sequential if inner == "sequential" else associative)
 
 
-def _pad_split(C, U, q, chunk: int):
-    """Pad time to a multiple of `chunk` with identity steps (C = 1, U = 0, q = 0), which leave
-    every earlier state and M_last unchanged, and split it into [n, chunk, ...]."""
-    T = C.shape[0]
+def _pad_split(chunk: int, *arrays):
+    """Pad time to a multiple of `chunk` with identity steps (C = 1, U = 0, q = 0, no reset), which
+    leave every earlier state and M_last unchanged, and split it into [n, chunk, ...]. `arrays`
+    are (C, U, q, resets), each may be None."""
+    T = arrays[0].shape[0]
     n = math.ceil(T / chunk)
     pad = n * chunk - T
     padded = []
-    for a, fill in ((C, 1), (U, 0), (q, 0)):
+    for a, fill in zip(arrays, (1, 0, 0, False), strict=True):
         if a is not None and pad:
             a = jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), fill, a.dtype)])
         padded.append(None if a is None else a.reshape(n, chunk, *a.shape[1:]))
     return padded
 
 
-def _chunked_read(C, U, q, chunk: int, inner: str):
+def _chunked_read(C, U, q, resets, chunk: int, inner: str):
     T = C.shape[0]
-    Cs, Us, qs = _pad_split(C, U, q, chunk)
-    M_last, Y = jax.lax.scan(_chunk_read(inner), jnp.zeros_like(C[0]), (Cs, Us, qs))
+    xs = _pad_split(chunk, C, U, q, resets)
+    M_last, Y = jax.lax.scan(_chunk_read(inner), jnp.zeros_like(C[0]), xs)
     return Y.reshape(-1, *Y.shape[2:])[:T], M_last
 
 
@@ -144,27 +183,27 @@ def hadamard_scan(C, U, *, resets=None, memory=None, method: str = "auto"):
       (M_all [T, *batch, H, H] with M_all[t] = M_t, M_last [*batch, H, H]).
     """
     _validate(C, U, None, resets, memory, method, None)
-    C, U = _fold(C, U, resets, memory)
+    U = _fold_memory(C, U, resets, memory)
     T, H = C.shape[0], C.shape[-1]
     if method == "auto":
         method = choose_method(T, math.prod(C.shape[1:-2]), H)
     if method == "sequential":
 
         def step(M, x):
-            M = x[0] * M + x[1]
+            M = _sequential_step(M, x)
             return M, M
 
-        M_all = jax.lax.scan(step, jnp.zeros_like(C[0]), (C, U))[1]
+        M_all = jax.lax.scan(step, jnp.zeros_like(C[0]), (C, U, resets))[1]
     elif method == "associative":
-        M_all = _associative(C, U)
+        M_all = _associative(C, U, resets)
     else:  # chunked: associative inside chunks, each chunk's last state carried sequentially.
 
         def body(M, xs):
             M_c = _associative_from(M, *xs)
             return M_c[-1], M_c
 
-        Cs, Us, _ = _pad_split(C, U, None, min(DEFAULT_CHUNK, T))
-        M_all = jax.lax.scan(body, jnp.zeros_like(C[0]), (Cs, Us))[1]
+        Cs, Us, _, rs = _pad_split(min(DEFAULT_CHUNK, T), C, U, None, resets)
+        M_all = jax.lax.scan(body, jnp.zeros_like(C[0]), (Cs, Us, rs))[1]
         M_all = M_all.reshape(-1, *C.shape[1:])[:T]
     return M_all, M_all[-1]
 
@@ -182,12 +221,12 @@ def hadamard_read(C, U, q, *, resets=None, memory=None, method: str = "auto", ch
       (Y [T, *batch, H], M_last [*batch, H, H]).
     """
     _validate(C, U, q, resets, memory, method, chunk_size)
-    C, U = _fold(C, U, resets, memory)
+    U = _fold_memory(C, U, resets, memory)
     T, H = C.shape[0], C.shape[-1]
     if method == "auto":
         method = choose_method(T, math.prod(C.shape[1:-2]), H)
     if method == "associative":
-        M_all = _associative(C, U)
+        M_all = _associative(C, U, resets)
         return _read(M_all, q), M_all[-1]
     chunk = min(chunk_size or DEFAULT_CHUNK, T)
-    return _chunked_read(C, U, q, chunk, inner=method)
+    return _chunked_read(C, U, q, resets, chunk, inner=method)

@@ -95,9 +95,13 @@ def numpy_shm(p, M, x, resets, aux, calibration):
 
 
 @pytest.mark.parametrize("calibration", ["shm", "none", "fixed", "single_theta"])
-@pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked", "pallas"])
 def test_shm_matches_numpy_reference(calibration, method, inputs):
     x, resets = inputs
+    if method == "pallas" and calibration in ("none", "fixed"):
+        with pytest.raises(ValueError, match="method 'pallas' computes C_t = 1 \\+ tanh"):
+            SHM(size=H, calibration=calibration, method=method)
+        return
     with jax.enable_x64(True):
         module = SHM(size=H, calibration=calibration, method=method, dtype=jnp.float64)
         aux = module.sample_aux(jax.random.PRNGKey(5), (T, B))
@@ -156,6 +160,8 @@ def test_registry_errors():
         make_memory("shm", size=0)
     with pytest.raises(ValueError, match="unknown calibration 'bad'"):
         SHM(size=4, calibration="bad")
+    with pytest.raises(ValueError, match="unknown method 'fast'; choose one of .*pallas"):
+        SHM(size=4, method="fast")
     assert {"shm", "gru", "lru", "shm_nocal", "shm_fixed", "shm_single"} <= set(memory_names)
     assert shm_jax.make_memory("shm_fixed", size=3).calibration == "fixed"
 
@@ -201,3 +207,78 @@ def test_any_batch_shape(name):
     flat = lambda a, n: a.reshape(a.shape[:n] + (6,) + a.shape[n + 2 :])
     carry_f, y_f = module.apply(params, flat(carry, 0), flat(x, 1), flat(resets, 1), flat(aux, 1))
     np.testing.assert_allclose(np.asarray(flat(y, 1)), np.asarray(y_f), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"method": m} for m in ("sequential", "associative", "chunked")] + [{"clamp": 100.0}],
+)
+def test_shm_resets_none_means_no_resets(kwargs, inputs):
+    x, _ = inputs
+    module = SHM(size=H, **kwargs)
+    aux = module.sample_aux(jax.random.PRNGKey(0), (T, B))
+    carry = jax.random.normal(jax.random.PRNGKey(1), (B, H, H))
+    no_resets = jnp.zeros((T, B), bool)
+    params = module.init(jax.random.PRNGKey(2), carry, x, no_resets, aux)
+    M, y = module.apply(params, carry, x, None, aux)
+    M2, y2 = module.apply(params, carry, x, no_resets, aux)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y2))
+    np.testing.assert_array_equal(np.asarray(M), np.asarray(M2))
+
+
+def test_shm_aux_none(inputs):
+    """calibration "shm" needs the θ indices and says so; "single_theta" (always Θ[0]) and the
+    uncalibrated variants do not."""
+    x, resets = inputs
+    module = SHM(size=H)
+    carry = module.initialize_carry((B,))
+    aux = module.sample_aux(jax.random.PRNGKey(1), (T, B))
+    params = module.init(jax.random.PRNGKey(0), carry, x, resets, aux)
+    with pytest.raises(ValueError, match=r"needs aux.*layer\.sample_aux\(key, \(T, B\)\)"):
+        module.apply(params, carry, x, resets, None)
+    single = SHM(size=H, calibration="single_theta")
+    aux0 = single.sample_aux(None, (T, B))
+    _, y = single.apply(params, carry, x, resets, None)
+    _, y0 = single.apply(params, carry, x, resets, aux0)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
+    nocal = SHM(size=H, calibration="none")
+    p_nocal = nocal.init(jax.random.PRNGKey(0), carry, x, resets, aux0)
+    assert nocal.apply(p_nocal, carry, x, resets, None)[1].shape == (T, B, H)
+
+
+def test_gru_unroll_changes_nothing_but_speed(inputs):
+    """The same numbers up to float32 rounding, for values and gradients."""
+    x, resets = inputs
+    gru, gru4 = make_memory("gru", size=H), make_memory("gru", size=H, unroll=4)
+    carry = gru.initialize_carry((B,))
+    aux = gru.sample_aux(None, (T, B))
+    params = gru.init(jax.random.PRNGKey(0), carry, x, resets, aux)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, carry, x, resets, aux)[1]))
+
+    for module in (gru, gru4):
+        carry_T, y = module.apply(params, carry, x, resets, aux)
+        grads = jax.grad(loss(module), argnums=(0, 1))(params, x)
+        if module is gru:
+            ref = (carry_T, y, grads)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves((carry_T, y, grads)), strict=True):
+        # Not bitwise: XLA fuses the unrolled body differently (1-ulp float32 differences seen)
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.max(np.abs(a - b)) <= 4 * np.finfo(np.float32).eps * np.max(np.abs(a))
+
+
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked", "pallas"])
+def test_shm_overflowed_memory_is_forgotten_at_a_reset(method, inputs):
+    """An inf carried memory must not leak NaN past a reset (a select, not a product 0 · inf)."""
+    x, _ = inputs
+    s = 6
+    resets = jnp.zeros((T, B), bool).at[s].set(True)
+    module = SHM(size=H, method=method)
+    aux = module.sample_aux(jax.random.PRNGKey(0), (T, B))
+    carry = jnp.full((B, H, H), jnp.inf)
+    params = module.init(jax.random.PRNGKey(1), module.initialize_carry((B,)), x, resets, aux)
+    M_last, y = module.apply(params, carry, x, resets, aux)
+    _, y2 = module.apply(params, module.initialize_carry((B,)), x[s:], resets[s:], aux[s:])
+    assert np.all(np.isfinite(np.asarray(M_last)))
+    np.testing.assert_allclose(np.asarray(y[s:]), np.asarray(y2), rtol=1e-5, atol=1e-6)

@@ -49,9 +49,15 @@ def test_scan_matches_numpy_loop(seed, method):
     ref_M, ref_Y = numpy_loop(C, U, q, resets, memory)
     with jax.enable_x64(True):
         args = [jnp.asarray(a) for a in (C, U, q, resets, memory)]
-        Cj, Uj, qj, rj, mj = args
-        M_all, M_last = hadamard_scan(Cj, Uj, resets=rj, memory=mj, method=method)
-        Y, M_last_r = hadamard_read(Cj, Uj, qj, resets=rj, memory=mj, method=method, chunk_size=7)
+
+        @jax.jit  # one compile instead of op-by-op dispatch of the scans' many small ops
+        def run(C, U, q, r, m):
+            return (
+                hadamard_scan(C, U, resets=r, memory=m, method=method),
+                hadamard_read(C, U, q, resets=r, memory=m, method=method, chunk_size=7),
+            )
+
+        (M_all, M_last), (Y, M_last_r) = run(*args)
         assert M_all.dtype == jnp.float64
     assert rel_err(M_all, ref_M) < 1e-9
     assert rel_err(M_last, ref_M[-1]) < 1e-9
@@ -134,6 +140,37 @@ def test_gradients_match_central_finite_differences(method):
                 assert abs(g.ravel()[j] - fd) < 1e-6 * max(1.0, abs(fd)), (i, j, g.ravel()[j], fd)
 
 
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked"])
+def test_overflowed_memory_does_not_leak_past_a_reset(method):
+    """An inf memory before a reset gives finite values and gradients after it (a reset is a
+    select, never a product 0 · inf = NaN); the resets fall inside and at the start of chunks."""
+    rng = np.random.default_rng(1)
+    T, B, H = 8, 2, 3
+    C = jnp.asarray(rng.uniform(0.5, 1.5, (T, B, H, H)), jnp.float32)
+    U = jnp.asarray(rng.normal(size=(T, B, H, H)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(T, B, H)), jnp.float32)
+    starts = (3, 5)  # episode start of each batch element
+    resets = jnp.zeros((T, B), bool).at[starts[0], 0].set(True).at[starts[1], 1].set(True)
+    after = np.arange(T)[:, None] >= np.asarray(starts)  # [T, B]
+    memory = jnp.full((B, H, H), jnp.inf)
+
+    def loss(C, U, q):
+        Y, M_last = hadamard_read(
+            C, U, q, resets=resets, memory=memory, method=method, chunk_size=3
+        )
+        return jnp.sum(jnp.where(after[..., None], Y, 0.0)) + jnp.sum(M_last), (Y, M_last)
+
+    grads, (Y, M_last) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(C, U, q)
+    M_all, _ = jax.jit(
+        lambda C, U: hadamard_scan(C, U, resets=resets, memory=memory, method=method)
+    )(C, U)
+    assert np.all(np.isfinite(np.asarray(Y)[after]))
+    assert np.all(np.isfinite(np.asarray(M_all)[after]))
+    assert np.all(np.isfinite(np.asarray(M_last)))
+    for g in grads:  # (before the reset, 0 · inf in the gradients is the true math)
+        assert np.all(np.isfinite(np.asarray(g)[after]))
+
+
 def test_reset_blocks_gradient_to_the_past():
     rng = np.random.default_rng(0)
     T, H = 6, 3
@@ -170,7 +207,10 @@ def test_bad_input_is_a_clear_error():
 def test_auto_rule():
     assert choose_method(1024, 8, 128, backend="cpu") == "sequential"
     assert choose_method(128, 64, 32, backend="gpu") == "associative"
-    assert choose_method(1024, 64, 128, backend="gpu") == "chunked"
+    assert choose_method(1024, 64, 128, backend="gpu") == "chunked"  # 16 GiB of M_t copies
+    # the 8 GiB budget: T·B·H² · 4 bytes · 4 copies
+    assert choose_method(2048, 64, 64, backend="gpu") == "associative"  # exactly 8 GiB
+    assert choose_method(2049, 64, 64, backend="gpu") == "chunked"
 
 
 @pytest.mark.parametrize("method", ["sequential", "chunked"])
