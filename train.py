@@ -2,13 +2,15 @@
 program, in the style of PureJaxRL's `ppo_rnn.py`.
 
     python train.py --env RepeatFirstEasy --memory shm --num-seeds 2 --out runs/rf-easy
-    python train.py --eval runs/rf-easy          # reload the checkpoint and report returns
+    python train.py --resume runs/rf-easy        # continue it after Ctrl-C
+    python train.py --eval runs/rf-easy          # reload its params and report returns
     python train.py --preset popgym --env RepeatPreviousHard --memory shm --memory-size 32
 
 Reading order: `Config` (every knob, typed) -> networks (`ActorCritic`: embedding -> memory ->
 actor / critic heads) -> `gae` -> `make_train(cfg)`, which returns a pure `train(keys)` that
 `jax.jit` compiles whole (one `lax.scan` over updates; in each update a rollout scan, GAE, and a
-scan over epochs x minibatches; seeds under `jax.vmap`) -> outputs (csv, plot, checkpoint) -> CLI.
+scan over epochs x minibatches; seeds under `lax.map` or `jax.vmap`). The run's lifecycle
+(segments, checkpoints, resume, Ctrl-C, logs, outputs, evaluation, the CLI) is run.py.
 
 The memory's per-step randomness (SHM's random θ row indices, `aux`) is drawn while acting, stored
 in the rollout and replayed in the update, which re-runs the memory from the rollout's initial
@@ -19,15 +21,9 @@ RLlib update re-draws θ instead (spec/shm.md, "disagree" item 3).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib
-import json
 import math
-import os
-import sys
-import time
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -36,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 from gymnax.environments import spaces
 
 import envs
@@ -51,11 +46,13 @@ import shm_jax
 class Config:
     """Recurrent PPO with a memory module (SHM, GRU, ...) on a jitted environment.
 
-    Also: `python train.py --eval DIR` reloads a finished run from DIR and reports its returns.
+    Also: `python train.py --resume DIR` continues a run, `--eval DIR` evaluates one, `--list`
+    prints every env id and memory name (run.py).
     """
 
     env: str = "RepeatFirstEasy"
-    """Environment id: any of `envs.registered` (e.g. RepeatPreviousEasy) or a gymnax id."""
+    """Environment id: any of `envs.registered` (e.g. RepeatPreviousEasy) or a gymnax id
+    (`python train.py --list` prints them)."""
     memory: str = "shm"
     """Memory module, any name in `shm_jax.memory_names`."""
     memory_size: int = 32
@@ -63,6 +60,12 @@ class Config:
     memory_features: int = 0
     """Default agent: the memory's output width (SHM's output projection W_o; 0 = the memory
     size, as the layer defaults to)."""
+    theta_init: Literal["xavier", "xavier_abs"] = "xavier_abs"
+    """Default agent, SHM: initialisation of the calibration bank Θ (`shm_jax.SHM.theta_init`).
+    xavier_abs (|Xavier-uniform|: every row starts with the same signs, so whether C_t forgets
+    is set by the learned c_t, not by which random row was drawn) learns RepeatPreviousEasy ~3x
+    faster than the paper's xavier (README, "Why SHM learned slowly"). The paper agent keeps
+    xavier."""
     memory_size_auto: bool = False
     """Pick --memory-size from the env's level as the authors did (SHM: 128 Easy, 64 Medium,
     32 Hard; other memories 64, their script's GRU default). `--preset paper-popgym` sets it."""
@@ -126,9 +129,22 @@ class Config:
     eval_every: int = 10
     """Meta-RL envs (with env.eval_params): evaluate on the held-out tasks every N updates."""
     out: str = "runs/latest"
-    """Output directory: config.json, metrics.csv, returns.png, params.msgpack."""
+    """Output directory: config.json, metrics.csv, checkpoints/, tensorboard/, returns.png,
+    params.msgpack. An existing run there is refused (see --resume, --overwrite)."""
     progress: bool = True
     """Show a live progress bar (host callbacks from inside the compiled run)."""
+    checkpoint_every: int = 0
+    """Updates between orbax checkpoints of the whole runner state (a run also saves at its end
+    and on Ctrl-C). 0 = auto: a few minutes' work (819 updates for the default config, 8 for
+    the popgym presets). See run.py for the segments the run is compiled as."""
+    overwrite: bool = False
+    """Replace a run already in --out (without it, that is an error: continue it with --resume)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (`pip install wandb`; imported only when asked for)."""
+    wandb_project: str = "shm-jax"
+    """W&B project name."""
+    wandb_name: str = ""
+    """W&B run name (empty: the --out directory's name)."""
     preset: Literal["none", "popgym", "paper-popgym"] = "none"
     """Settings preset applied before the other flags: paper-popgym = the SHM authors' POPGym
     agent and RLlib PPO (the paper's setting); popgym = their PPO sizes with our agent."""
@@ -303,7 +319,7 @@ class ActorCritic(AgentBase):
     action_dim: int = 1
     continuous: bool = False
     hidden: int = 128
-    pixel_dims: int = 0  # leading obs components that are uint8 pixels (scaled to [0, 1] here)
+    pixel_dims: int = 0  # leading obs components that are 0..255 pixels (VecEnv.pixel_dims)
     time_embedding: int = 0
 
     @nn.compact
@@ -377,14 +393,14 @@ class PaperAgent(AgentBase):
         mem_carry, y = self.memory(mem_carry, x, resets, aux)
         y = nn.relu(TorchDense(64, name="postprocessor")(y))
         small = nn.initializers.normal(0.01)
-        a = TorchDense(64)(y)
-        a = TorchDense(self.action_dim, kernel_init=small)(a)
+        a = TorchDense(64, name="actor_hidden")(y)
+        a = TorchDense(self.action_dim, kernel_init=small, name="actor_out")(a)
         policy_out = a
         if self.continuous:
             log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
             policy_out = (a, log_std)
-        v = TorchDense(64)(y)
-        value = TorchDense(1, kernel_init=small)(v)[..., 0]
+        v = TorchDense(64, name="critic_hidden")(y)
+        value = TorchDense(1, kernel_init=small, name="critic_out")(v)[..., 0]
         return (mem_carry, t[-1]), policy_out, value
 
 
@@ -439,6 +455,15 @@ def kl_divergence(old_out, new_out, continuous: bool):
         return jnp.sum(s1 - s0 + (var0 + (m0 - m1) ** 2) / (2 * var1) - 0.5, axis=-1)
     logp0, logp1 = jax.nn.log_softmax(old_out), jax.nn.log_softmax(new_out)
     return jnp.sum(jnp.exp(logp0) * (logp0 - logp1), axis=-1)
+
+
+def value_loss(cfg: Config, value, old_value, targets):
+    """The value loss, a scalar: RLlib's (--vf-loss-clip c > 0) is mean(min((v - target)², c));
+    PureJaxRL's clips the value's change to ±clip_eps around the acting value instead."""
+    if cfg.vf_loss_clip > 0:
+        return jnp.minimum((value - targets) ** 2, cfg.vf_loss_clip).mean()
+    value_clipped = old_value + jnp.clip(value - old_value, -cfg.clip_eps, cfg.clip_eps)
+    return 0.5 * jnp.maximum((value - targets) ** 2, (value_clipped - targets) ** 2).mean()
 
 
 def adapt_kl_coeff(kl_coeff, kl, target: float):
@@ -497,8 +522,7 @@ def make_env_and_network(cfg: Config) -> Setup:
         raise ValueError(f"--head gaussian needs a Box action space; {cfg.env!r} has Discrete")
 
     venv = _vec_env_class()(env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
-    obs_space = env.observation_space(env_params)
-    pixel_dims = int(np.prod(obs_space.shape)) if obs_space.dtype == jnp.uint8 else 0
+    pixel_dims = venv.pixel_dims  # 0..255 pixel values the network scales to [0, 1]
     is_shm = cfg.memory.startswith("shm")
     if cfg.agent == "paper":
         # The authors widen SHM's read-out to 1024; their GRU outputs its hidden state.
@@ -507,8 +531,9 @@ def make_env_and_network(cfg: Config) -> Setup:
         )
         network = PaperAgent(memory, action_dim, continuous, pixel_dims, time_embedding=is_shm)
     else:
+        extra = {"theta_init": cfg.theta_init} if cfg.memory.startswith("shm") else {}
         memory = shm_jax.make_memory(
-            cfg.memory, size=cfg.mem_size, features=cfg.memory_features or None
+            cfg.memory, size=cfg.mem_size, features=cfg.memory_features or None, **extra
         )
         network = ActorCritic(
             memory, action_dim, continuous, cfg.hidden, pixel_dims, cfg.time_embedding
@@ -627,6 +652,8 @@ def act(setup: Setup, params, carry, obs, reset, key):
     policy_out = jax.tree.map(lambda x: x[0] if x.ndim > 1 else x, policy_out)  # drop T=1
     action = sample_action(key_act, policy_out, setup.continuous)
     logp = log_prob(policy_out, action, setup.continuous)
+    if setup.continuous:  # store log_std per env, so every Transition leaf is [N, ...]
+        policy_out = (policy_out[0], jnp.broadcast_to(policy_out[1], policy_out[0].shape))
     return carry, action, logp, value[0], aux[0], policy_out
 
 
@@ -651,45 +678,62 @@ def rollout(setup: Setup, runner: RunnerState, venv, num_steps: int):
     return jax.lax.scan(step, runner, None, num_steps)
 
 
-def make_evaluate(cfg: Config, setup: Setup, random_policy: bool = False):
-    """`evaluate(params, key) -> mean return` of the episodes that finish within one episode
-    horizon (`max_steps_in_episode` steps) on cfg.num_envs fresh envs with fresh memory. Meta-RL
-    envs are evaluated on their held-out tasks. `random_policy` acts uniformly at random instead
-    (the baseline the summary line compares with).
+def make_evaluate(
+    cfg: Config,
+    setup: Setup,
+    num_episodes: int | None = None,
+    random_policy: bool = False,
+    greedy: bool = False,
+):
+    """`evaluate(params, key) -> {metric: mean}` over `num_episodes` (default cfg.num_envs)
+    episodes: that many fresh envs with fresh memory run for one episode horizon
+    (`max_steps_in_episode` steps), and each env's FIRST complete episode counts, once.
+    Counting every episode that finishes within the horizon would over-weight short episodes
+    (on MineSweeperEasy a random policy scores -0.287 that way against -0.225 unbiased).
+
+    The metrics are named as in metrics.csv: episode_return, episode_length and one per
+    `env.episode_metrics` (e.g. episode_success), plus `episodes`, the number counted. Meta-RL
+    envs are evaluated on their held-out tasks. `greedy` takes the most likely action (the
+    Gaussian's mean) instead of sampling; `random_policy` acts uniformly at random (the baseline
+    the summary compares with; `params` is then ignored).
     """
+    n = num_episodes or cfg.num_envs
     env_params = setup.eval_params if setup.eval_params is not None else setup.env_params
-    venv = _vec_env_class()(setup.env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
+    venv = _vec_env_class()(setup.env, env_params, n, prev_action=cfg.prev_action)
     horizon = int(env_params.max_steps_in_episode)
     space = setup.env.action_space(env_params)
 
-    def evaluate(params, key) -> jax.Array:
+    def choose(params, carry, obs, reset, key):
+        if random_policy:
+            return carry, jax.vmap(space.sample)(jax.random.split(key, n))
+        carry, action, _, _, _, policy_out = act(setup, params, carry, obs, reset, key)
+        if greedy:
+            action = policy_out[0] if setup.continuous else jnp.argmax(policy_out, -1)
+        return carry, env_action(setup, action)
+
+    def evaluate(params, key) -> dict[str, jax.Array]:
         key_reset, key = jax.random.split(key)
         obs, env_state = venv.reset(key_reset)
-        if random_policy:
+        carry = setup.network.initialize_carry((n,))
 
-            def step(state, key):
-                key_act, key_env = jax.random.split(key)
-                actions = jax.vmap(space.sample)(jax.random.split(key_act, cfg.num_envs))
-                _, state, _, _, info = venv.step(key_env, state, actions)
-                return state, info
+        def step(state, key):
+            env_state, carry, obs, reset = state
+            key_act, key_env = jax.random.split(key)
+            carry, action = choose(params, carry, obs, reset, key_act)
+            obs, env_state, _, done, info = venv.step(key_env, env_state, action)
+            info = {k: v for k, v in info.items() if k.startswith("returned_episode_")}
+            return (env_state, carry, obs, done), (done, info)
 
-            _, info = jax.lax.scan(step, env_state, jax.random.split(key, horizon))
-        else:
-            runner = RunnerState(
-                params,
-                None,
-                env_state,
-                obs,
-                jnp.ones((cfg.num_envs,), bool),
-                setup.network.initialize_carry((cfg.num_envs,)),
-                key,
-                jnp.zeros((), jnp.int32),
-                jnp.zeros((), jnp.float32),
-            )
-            info = rollout(setup, runner, venv, horizon)[1].info
-        finished = info["returned_episode"]
-        returns = jnp.where(finished, info["returned_episode_returns"], 0.0).sum()
-        return returns / jnp.maximum(finished.sum(), 1)
+        state = (env_state, carry, obs, jnp.ones((n,), bool))
+        _, (done, info) = jax.lax.scan(step, state, jax.random.split(key, horizon))
+        first = done & (jnp.cumsum(done, axis=0) == 1)  # [T, n]: each env's first episode end
+        count = first.sum()
+        out = {
+            metric_name(k): jnp.where(first, v, 0.0).sum() / jnp.maximum(count, 1)
+            for k, v in info.items()
+        }
+        out["episodes"] = count
+        return out
 
     return evaluate
 
@@ -704,15 +748,34 @@ def make_keys(cfg: Config) -> jax.Array:
     return jax.random.split(jax.random.key(cfg.seed), cfg.num_seeds)
 
 
-def make_train(
-    cfg: Config, progress: Callable[[np.ndarray, dict], None] | None = None
-) -> Callable[[jax.Array], tuple[RunnerState, dict]]:
-    """Build a pure `train(keys [S]) -> (final RunnerState, metrics)` for `cfg`.
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """What `make_train` returns: the run as pure, jittable functions of one config.
 
-    One `jax.jit(train)` compiles the whole run; seeds run under `jax.vmap`. Every RunnerState
-    leaf gets a leading seed axis [S]; `metrics[name]` is [num_updates, S]. `progress(update,
-    metrics {name: [S]})`, if given, is called on the host after every update through
-    `jax.debug.callback` (for a progress bar; it does not change the result).
+    `train(keys [S])` runs the whole run, `updates(init(keys), num_updates)`, in one program.
+    run.py compiles `updates(runner, K, stop=num_updates)` once instead and calls it segment
+    after segment, checkpointing in between; both share the one `update` function.
+    """
+
+    init: Callable[[jax.Array], RunnerState]
+    """keys [S] -> the RunnerState before the first update, every leaf [S, ...]."""
+    updates: Callable[..., tuple[RunnerState, dict]]
+    """(runner, length, stop=None) -> (runner, metrics {name: [length, S]}): `length` updates
+    in one `lax.scan`. With `stop`, updates numbered beyond `stop` are skipped (the runner
+    stays, metrics are NaN), so one compiled segment also serves the run's shorter last one."""
+    num_updates: int
+
+    def __call__(self, keys: jax.Array) -> tuple[RunnerState, dict]:
+        return self.updates(self.init(keys), self.num_updates)
+
+
+def make_train(cfg: Config, progress: Callable[[np.ndarray, dict], None] | None = None) -> Train:
+    """Build a pure `train(keys [S]) -> (final RunnerState, metrics)` for `cfg` (a `Train`).
+
+    One `jax.jit(train)` compiles the whole run. Every RunnerState leaf gets a leading seed axis
+    [S]; `metrics[name]` is [num_updates, S]. `progress(update, metrics {name: [S]})`, if given,
+    is called on the host after every update through `jax.debug.callback` (for a progress bar;
+    it does not change the result).
     """
     setup = make_env_and_network(cfg)
     venv, network, memory = setup.venv, setup.network, setup.memory
@@ -760,12 +823,7 @@ def make_train(
         log_ratio = new_logp - traj.log_prob
         ratio = jnp.exp(log_ratio)
 
-        if cfg.vf_loss_clip > 0:  # RLlib: clip the squared error itself
-            value_loss = jnp.minimum((value - targets) ** 2, cfg.vf_loss_clip).mean()
-        else:  # PureJaxRL: clip the value's change
-            value_clipped = traj.value + jnp.clip(value - traj.value, -cfg.clip_eps, cfg.clip_eps)
-            value_loss = 0.5 * jnp.maximum((value - targets) ** 2, (value_clipped - targets) ** 2)
-            value_loss = value_loss.mean()
+        v_loss = value_loss(cfg, value, traj.value, targets)
 
         if cfg.adv_norm == "minibatch":
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -774,12 +832,12 @@ def make_train(
         policy_loss = -jnp.minimum(pg1, pg2).mean()
         ent = entropy(policy_out, continuous).mean()
         kl = kl_divergence(traj.policy_out, policy_out, continuous).mean()
-        total = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * ent
+        total = policy_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
         if cfg.kl_coeff > 0:
             total = total + kl_coeff * kl
         stats = dict(
             policy_loss=policy_loss,
-            value_loss=value_loss,
+            value_loss=v_loss,
             entropy=ent,
             kl=kl,
             approx_kl=((ratio - 1.0) - log_ratio).mean(),  # the k3 estimator: >= 0, 0 iff equal
@@ -852,18 +910,22 @@ def make_train(
         metrics["episodes"] = n_finished.astype(jnp.float32)
         return runner, metrics
 
-    def train(keys: jax.Array) -> tuple[RunnerState, dict]:
-        over_seeds = _seed_map(keys.shape[0])
-        runner = over_seeds(init)(keys)
+    def init_seeds(keys: jax.Array) -> RunnerState:
+        return _seed_map(keys.shape[0])(init)(keys)
 
-        def body(runner: RunnerState, _):
+    def updates(runner: RunnerState, length: int, stop: int | None = None):
+        over_seeds = _seed_map(runner.update.shape[0])
+
+        def one_update(runner: RunnerState):
             runner, metrics = over_seeds(update)(runner)
             if evaluate is not None:
                 # A real branch (the predicate is not batched), so the eval runs only when due.
                 step = runner.update[0]
                 metrics["eval_return"] = jax.lax.cond(
                     (step % cfg.eval_every == 0) | (step == cfg.num_updates),
-                    lambda r: jax.vmap(evaluate)(r.params, jax.random.split(r.key[0], len(r.key))),
+                    lambda r: over_seeds(lambda pk: evaluate(*pk)["episode_return"])(
+                        (r.params, jax.random.split(r.key[0], len(r.key)))
+                    ),
                     lambda r: jnp.full(r.update.shape, jnp.nan),
                     runner,
                 )
@@ -871,265 +933,37 @@ def make_train(
                 jax.debug.callback(progress, runner.update[0], metrics)
             return runner, metrics
 
-        return jax.lax.scan(body, runner, None, cfg.num_updates)
+        def body(runner: RunnerState, _):
+            if stop is None:
+                return one_update(runner)
+            nan = jax.tree.map(
+                lambda m: jnp.full(m.shape, jnp.nan, m.dtype), jax.eval_shape(one_update, runner)[1]
+            )
+            skip = lambda r: (r, nan)
+            return jax.lax.cond(runner.update[0] < stop, one_update, skip, runner)
 
-    return train
+        return jax.lax.scan(body, runner, None, length)
 
-
-# ---------------------------------------------------------------------------------------------
-# Running: progress, outputs, evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """Host side of the progress callback: a tqdm bar and the wall time of every update."""
-
-    def __init__(self, cfg: Config, headline: str, show: bool):
-        self.cfg, self.headline, self.show = cfg, headline, show
-        self.times: dict[int, float] = {}
-        self.bar = None
-        self.start()
-
-    def start(self) -> None:
-        """(Re)start the clock and the bar: call it right before running the compiled program."""
-        from tqdm.auto import tqdm
-
-        if self.bar is not None:
-            self.bar.close()
-        self.bar = tqdm(
-            total=self.cfg.num_updates * self.cfg.steps_per_update * self.cfg.num_seeds,
-            unit="step",
-            unit_scale=True,
-            desc=f"{self.cfg.env} {self.cfg.memory}",
-            disable=not self.show,
-            dynamic_ncols=True,
-        )
-        self.times = {}
-        self.start_time = time.perf_counter()
-
-    def __call__(self, update, metrics) -> None:
-        self.times[int(update)] = time.perf_counter()
-        self.bar.update(self.cfg.steps_per_update * self.cfg.num_seeds)
-        value = (
-            np.nanmean(metrics[self.headline])
-            if np.isfinite(metrics[self.headline]).any()
-            else None
-        )
-        if value is not None:
-            self.bar.set_postfix_str(f"{self.headline} {value:.3f}", refresh=False)
-
-    def steps_per_second(self) -> np.ndarray:
-        """[num_updates] env steps per second (all seeds) of each update."""
-        done = [self.start_time] + [
-            self.times.get(u, np.nan) for u in range(1, self.cfg.num_updates + 1)
-        ]
-        return self.cfg.steps_per_update * self.cfg.num_seeds / np.diff(np.asarray(done))
+    return Train(init_seeds, updates, cfg.num_updates)
 
 
 def _seed_map(num_seeds: int) -> Callable:
-    """How seeds are batched: `jax.vmap`, except for several seeds on a single CPU device, where
-    `lax.map` runs them one after another inside the same compiled program. jax 0.10.2's CPU
-    runtime was seen to hang on vmapped seeds there (3 seeds, reproducibly); on 2 cores a loop
-    over seeds costs little parallelism."""
-    if num_seeds > 1 and len(jax.devices()) == 1 and jax.default_backend() == "cpu":
+    """How a per-seed function runs over the seed axis: `jax.lax.map` (one seed after another
+    inside the same program) for one seed, and for several seeds on a single CPU device;
+    `jax.vmap` otherwise (seeds sharded over devices). Under `vmap` the VecEnv's `lax.switch`
+    (reset nothing / a few / all) becomes a select that computes every branch, which made one
+    vmapped seed 2.6x slower; and jax 0.10.2's CPU runtime was seen to hang on vmapped seeds
+    (3 seeds, reproducibly)."""
+    if num_seeds == 1 or (len(jax.devices()) == 1 and jax.default_backend() == "cpu"):
         return lambda f: lambda xs: jax.lax.map(f, xs)
     return jax.vmap
 
 
-def _seed_sharding(num_seeds: int):
-    """A sharding that splits the seed axis over all devices, or None with one device."""
-    devices = jax.devices()
-    if len(devices) < 2 or num_seeds % len(devices):
-        return None
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("seed",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
-
-
-def headline_metric(setup: Setup) -> str:
-    """The metric the bar, plot and summary report: eval-task return for meta-RL envs."""
-    return "eval_return" if setup.eval_params is not None else "episode_return"
-
-
-def run(cfg: Config) -> dict:
-    """Train per `cfg`, write the outputs to cfg.out, print and return a summary dict."""
-    setup = make_env_and_network(cfg)
-    headline = headline_metric(setup)
-    progress = Progress(cfg, headline, show=False)
-    train = make_train(cfg, progress)
-
-    keys = make_keys(cfg)
-    sharding = _seed_sharding(cfg.num_seeds)
-    if sharding is not None:
-        keys = jax.device_put(keys, sharding)
-    t0 = time.perf_counter()
-    compiled = jax.jit(train).lower(keys).compile()
-    compile_s = time.perf_counter() - t0
-    progress.show = cfg.progress
-    progress.start()
-    t0 = time.perf_counter()
-    runner, metrics = jax.block_until_ready(compiled(keys))
-    run_s = time.perf_counter() - t0
-    progress.bar.close()
-
-    metrics = {k: np.asarray(v) for k, v in metrics.items()}
-    random_return = float(
-        jax.jit(make_evaluate(cfg, setup, random_policy=True))(None, jax.random.key(cfg.seed + 1))
-    )
-    summary = write_outputs(cfg, runner.params, metrics, progress.steps_per_second(), headline)
-    summary.update(
-        compile_s=compile_s,
-        run_s=run_s,
-        steps_per_s=cfg.num_updates * cfg.steps_per_update * cfg.num_seeds / run_s,
-        random_return=random_return,
-        devices=1 if sharding is None else len(jax.devices()),
-    )
-    print(
-        f"{cfg.env} | {cfg.memory} (size {cfg.mem_size}) | {cfg.num_seeds} seed(s) x "
-        f"{cfg.num_updates * cfg.steps_per_update:,} steps | final {headline} "
-        f"{summary['final']:.3f} ± {summary['final_std']:.3f} (random policy {random_return:.3f}) | "
-        f"compile {compile_s:.1f}s, run {run_s:.1f}s, {summary['steps_per_s']:,.0f} steps/s | "
-        f"-> {cfg.out}"
-    )
-    return summary
-
-
-def _ffill(x: np.ndarray) -> np.ndarray:
-    """Forward-fill NaNs along axis 0 of [U, S] (updates in which no episode finished)."""
-    x = x.copy()
-    for u in range(1, len(x)):
-        x[u] = np.where(np.isnan(x[u]), x[u - 1], x[u])
-    return x
-
-
-def write_outputs(cfg: Config, params, metrics: dict, steps_per_s: np.ndarray, headline: str):
-    """Write config.json, metrics.csv, returns.png and params.msgpack to cfg.out."""
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    with open(os.path.join(cfg.out, "params.msgpack"), "wb") as f:
-        f.write(serialization.to_bytes(jax.device_get(params)))
-
-    U, S = cfg.num_updates, cfg.num_seeds
-    env_steps = (np.arange(U) + 1) * cfg.steps_per_update
-    names = sorted(metrics)
-    order = [n for n in ("episode_return", "episode_length", "eval_return") if n in names]
-    names = order + [n for n in names if n not in order]
-    with open(os.path.join(cfg.out, "metrics.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["update", "seed", "env_steps", "steps_per_s", *names])
-        for u in range(U):
-            for s in range(S):
-                row = [u + 1, s, env_steps[u], f"{steps_per_s[u]:.1f}"]
-                row += [
-                    "" if np.isnan(metrics[n][u, s]) else f"{metrics[n][u, s]:.6g}" for n in names
-                ]
-                writer.writerow(row)
-
-    curve = _ffill(metrics[headline])  # [U, S]
-    plot_returns(
-        env_steps,
-        curve,
-        headline,
-        f"{cfg.env}, {cfg.memory} (size {cfg.mem_size})",
-        os.path.join(cfg.out, "returns.png"),
-    )
-    tail = curve[-max(1, U // 10) :]  # last 10% of updates
-    per_seed = np.nanmean(tail, axis=0) if np.isfinite(tail).any() else np.full(S, np.nan)
-    return dict(
-        final=float(np.mean(per_seed)),
-        final_std=float(np.std(per_seed)),
-        final_per_seed=per_seed.tolist(),
-    )
-
-
-def plot_returns(env_steps, curve, ylabel: str, title: str, path: str) -> None:
-    """Mean ± std over seeds of curve [U, S] against env steps, saved to path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with warnings.catch_warnings():  # all-NaN columns: no episode finished yet
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean, std = np.nanmean(curve, axis=1), np.nanstd(curve, axis=1)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(env_steps, mean)
-    ax.fill_between(env_steps, mean - std, mean + std, alpha=0.3)
-    ax.set(xlabel="env steps (per seed)", ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def load_run(directory: str) -> tuple[Config, Any]:
-    """Read config.json and params.msgpack of a finished run (params leaves have a seed axis)."""
-    config_path = os.path.join(directory, "config.json")
-    params_path = os.path.join(directory, "params.msgpack")
-    for path in (config_path, params_path):
-        if not os.path.exists(path):
-            raise ValueError(f"--eval {directory!r}: no {os.path.basename(path)} in it")
-    with open(config_path) as f:
-        cfg = Config(**json.load(f))
-    with open(params_path, "rb") as f:
-        params = serialization.msgpack_restore(f.read())
-    return cfg, params
-
-
-def evaluate_run(directory: str, episodes_key: int = 1234) -> dict:
-    """Reload a run and report the mean return of each seed's final params (fresh envs)."""
-    cfg, params = load_run(directory)
-    setup = make_env_and_network(cfg)
-    evaluate = jax.jit(jax.vmap(make_evaluate(cfg, setup)))
-    keys = jax.random.split(jax.random.key(episodes_key), cfg.num_seeds)
-    returns = np.asarray(evaluate(params, keys))
-    random_return = float(
-        jax.jit(make_evaluate(cfg, setup, random_policy=True))(None, jax.random.key(episodes_key))
-    )
-    what = "held-out-task return" if setup.eval_params is not None else "return"
-    print(
-        f"{directory}: {cfg.env} | {cfg.memory} | mean {what} {returns.mean():.3f} ± "
-        f"{returns.std():.3f} over {cfg.num_seeds} seed(s) (per seed: "
-        f"{', '.join(f'{r:.3f}' for r in returns)}; random policy {random_return:.3f})"
-    )
-    return dict(returns=returns.tolist(), random_return=random_return)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_config(argv: list[str]) -> Config:
-    """Config from command-line flags (generated from the dataclass by tyro); `--preset NAME`
-    picks the defaults the other flags then override."""
-    import tyro
-
-    preset = "none"
-    for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-        elif arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-    default = PRESETS.get(preset, PRESETS["none"])
-    return tyro.cli(Config, default=default, args=argv, description=Config.__doc__)
-
-
 def main(argv: list[str] | None = None) -> None:
-    """`python train.py [flags]` trains; `python train.py --eval DIR` evaluates a finished run."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv and argv[0] == "--eval":
-            if len(argv) != 2:
-                raise ValueError("usage: python train.py --eval DIR")
-            evaluate_run(argv[1])
-            return
-        cfg = parse_config(argv)
-        make_env_and_network(cfg)  # all user-input errors surface here, before compiling
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    run(cfg)
+    """`python train.py [flags]`: the run's lifecycle and the CLI live in run.py."""
+    import run
+
+    run.main(argv)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+import run
 import train
 
 
@@ -38,7 +39,7 @@ def environment() -> str:
 def timed_run(cfg: train.Config):
     """(compile_s, run_s, metrics, per-update wall times [U]) of one compiled run."""
     setup = train.make_env_and_network(cfg)
-    progress = train.Progress(cfg, train.headline_metric(setup), show=False)
+    progress = run.Progress(cfg, run.headline_metric(setup), show=False)
     train_fn = train.make_train(cfg, progress)
     keys = train.make_keys(cfg)
     t0 = time.perf_counter()

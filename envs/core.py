@@ -54,6 +54,11 @@ class VecEnv:
     `returned_episode_lengths` (gymnax LogWrapper names) and `returned_episode_<m>` for each name
     in `env.episode_metrics`. With `prev_action=True` the observation gets the previous action
     (one-hot for Discrete, zeros at an episode's first step) and a first-step flag appended.
+
+    `pixel_dims`: how many leading observation components are 0..255 pixel values, which the
+    network scales to [0, 1]. An env declares pixel observations with `pixel_observations =
+    True` (its float32 observations hold raw pixel values); a uint8 observation space counts
+    as pixels too.
     """
 
     def __init__(self, env, params, num_envs: int, prev_action: bool = False, num_resets=None):
@@ -68,7 +73,10 @@ class VecEnv:
         self.action_dim = _action_dim(self.action_space)
         self.discrete = isinstance(self.action_space, spaces.Discrete)
         self.metrics = tuple(getattr(env, "episode_metrics", ()))
-        base = int(jnp.prod(jnp.asarray(env.observation_space(params).shape)))
+        obs_space = env.observation_space(params)
+        base = int(jnp.prod(jnp.asarray(obs_space.shape)))
+        pixels = getattr(env, "pixel_observations", False) or obs_space.dtype == jnp.uint8
+        self.pixel_dims = base if pixels else 0
         self.obs_dim = base + (self.action_dim + 1 if prev_action else 0)
         self.observation_space = spaces.Box(-jnp.inf, jnp.inf, (self.obs_dim,), jnp.float32)
 

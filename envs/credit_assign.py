@@ -33,7 +33,8 @@ which wrap DeepMind's pycolab games. This module is a rule-for-rule port of thos
   to uint8 as `uint8(c * 255 / 1000)` (truncation, as the original `env.py`), transposed to
   channel-first (3, 5, 5) and flattened to 75 values. **The values are returned as float32 but
   are the raw 0..255 pixel values** (the original's uint8 observation; the project's contract
-  wants float32 vectors): normalise them in the network, not here.
+  wants float32 vectors). The env declares them (`pixel_observations = True`), so `VecEnv`
+  reports them in `pixel_dims` and train.py's network scales them to [0, 1].
 - `info["success"]` is 1.0 when the reward phase paid a positive reward (the original's
   `last_phase_reward() > 0`); it is meaningful at the step that ends the episode.
 
@@ -255,6 +256,7 @@ class _CreditAssignEnv(environment.Environment):
     """
 
     episode_metrics = ("success",)
+    pixel_observations = True  # raw 0..255 values in float32: VecEnv.pixel_dims, the network scales
     _explore_grid: tuple[str, ...]
     _reward_grid: tuple[str, ...]
     _phases: tuple[int, int]

@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--calib-scale", type=float, default=1.0, help="multiply W_c's init")
     parser.add_argument("--value-scale", type=float, default=1.0, help="multiply W_v's init")
     parser.add_argument("--memory-lr-scale", type=float, default=1.0)
+    parser.add_argument("--theta-init", default="xavier")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--length", type=int, default=51)
     parser.add_argument("--batch", type=int, default=32)
@@ -133,6 +134,7 @@ def main(argv=None) -> dict:
         hidden=args.hidden,
         time_embedding=args.time_embedding,
         lr=args.lr,
+        theta_init=args.theta_init,
     )
     scales = {
         "theta": args.theta_scale,

@@ -27,6 +27,7 @@ from shm_jax.scan import DEFAULT_CHUNK, METHODS, choose_method, hadamard_read, h
 CALIBRATIONS = ("shm", "none", "fixed", "single_theta")
 CALIBRATED = ("shm", "single_theta")  # C_t = 1 + tanh(θ_t c_tᵀ)
 LAYER_METHODS = (*METHODS, "pallas")
+THETA_INITS = ("xavier", "xavier_abs")
 
 
 def factored_read(theta, c, eta_v, k, q, resets, memory, chunk: int = DEFAULT_CHUNK):
@@ -69,6 +70,9 @@ class SHM(nn.Module):
       size: memory size H (M is H×H).
       features: output width (defaults to `size`).
       num_thetas: L, rows of the calibration bank Θ (128 in the paper).
+      theta_init: "xavier" (Xavier-uniform, the paper's) or "xavier_abs" (its absolute value:
+        every row starts with the same signs, so the sign of θ_t[i]·c_t[j] is set by the learned
+        c_t rather than by which row was drawn; the model is unchanged, only its start).
       calibration: "shm" (C = 1 + tanh(θ_t c_tᵀ), θ_t a random row per step; the paper),
         "none" (C = 1: memory only accumulates), "fixed" (C = a learned input-independent H×H
         matrix: the paper's Prop. 3 design), "single_theta" (always Θ[0]: what the authors'
@@ -86,6 +90,7 @@ class SHM(nn.Module):
     size: int
     features: int | None = None
     num_thetas: int = 128
+    theta_init: str = "xavier"
     calibration: str = "shm"
     clamp: float | None = None
     method: str = "auto"
@@ -95,6 +100,10 @@ class SHM(nn.Module):
         if self.calibration not in CALIBRATIONS:
             raise ValueError(
                 f"unknown calibration {self.calibration!r}; choose one of {', '.join(CALIBRATIONS)}"
+            )
+        if self.theta_init not in THETA_INITS:
+            raise ValueError(
+                f"unknown theta_init {self.theta_init!r}; choose one of {', '.join(THETA_INITS)}"
             )
         if self.method not in LAYER_METHODS:
             raise ValueError(
@@ -144,9 +153,9 @@ class SHM(nn.Module):
                 (H, H),
             )
         elif self.calibration != "none":
-            self.theta = self.param(
-                "theta", nn.initializers.xavier_uniform(), (self.num_thetas, H), self.dtype
-            )
+            xavier = nn.initializers.xavier_uniform()
+            init = xavier if self.theta_init == "xavier" else lambda *a: jnp.abs(xavier(*a))
+            self.theta = self.param("theta", init, (self.num_thetas, H), self.dtype)
             self.calib_proj = dense(H)
 
     def _vectors(self, x, aux):
