@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import run
 import train
 from train import Config
 
@@ -94,7 +95,7 @@ def test_project_params_clamps_only_the_time_strength():
 
 
 def test_paper_preset_settings_and_memory_size_by_level():
-    cfg = train.parse_config(["--preset", "paper-popgym", "--env", "AutoencodeEasy"])
+    cfg = run.parse_config(["--preset", "paper-popgym", "--env", "AutoencodeEasy"])
     assert cfg.agent == "paper" and cfg.prev_action is False
     assert (cfg.num_envs, cfg.num_steps, cfg.num_epochs, cfg.num_minibatches) == (64, 1024, 30, 8)
     assert (cfg.lr, cfg.gamma, cfg.gae_lambda, cfg.clip_eps) == (5e-5, 0.99, 1.0, 0.3)
@@ -102,14 +103,14 @@ def test_paper_preset_settings_and_memory_size_by_level():
     assert (cfg.kl_coeff, cfg.kl_target, cfg.adv_norm) == (0.2, 0.01, "batch")
     assert cfg.steps_per_update == 65_536 and cfg.total_timesteps == 15_000_000
     sizes = {
-        env: train.parse_config(["--preset", "paper-popgym", "--env", env]).mem_size
+        env: run.parse_config(["--preset", "paper-popgym", "--env", env]).mem_size
         for env in ("AutoencodeEasy", "BattleshipMedium", "RepeatPreviousHard")
     }
     assert sizes == {"AutoencodeEasy": 128, "BattleshipMedium": 64, "RepeatPreviousHard": 32}
-    gru = train.parse_config(["--preset", "paper-popgym", "--memory", "gru"])
+    gru = run.parse_config(["--preset", "paper-popgym", "--memory", "gru"])
     assert gru.mem_size == 64
     # an explicit size wins once auto sizing is turned off
-    fixed = train.parse_config(
+    fixed = run.parse_config(
         ["--preset", "paper-popgym", "--no-memory-size-auto", "--memory-size", "24"]
     )
     assert fixed.mem_size == 24
