@@ -177,46 +177,37 @@ class Config:
         return self.num_envs // self.num_minibatches
 
 
+# Le et al. 2025, POPGym runs (RLlib PPO): 64 envs x 1024 steps, 30 epochs x 8 minibatches.
+_PAPER_PPO_SIZES = Config(
+    num_envs=64,
+    num_steps=1024,
+    num_epochs=30,
+    num_minibatches=8,
+    lr=5e-5,
+    gamma=0.99,
+    gae_lambda=1.0,
+    clip_eps=0.2,
+    ent_coef=0.0,
+    vf_coef=1.0,
+    max_grad_norm=0.5,
+    total_timesteps=15_000_000,
+    prev_action=False,
+)
 PRESETS: dict[str, Config] = {
     "none": Config(),
-    # Le et al. 2025, POPGym runs (RLlib PPO): 64 envs x 1024 steps, 30 epochs x 8 minibatches.
-    "popgym": Config(
-        num_envs=64,
-        num_steps=1024,
-        num_epochs=30,
-        num_minibatches=8,
-        lr=5e-5,
-        gamma=0.99,
-        gae_lambda=1.0,
-        clip_eps=0.2,
-        ent_coef=0.0,
-        vf_coef=1.0,
-        max_grad_norm=0.5,
-        total_timesteps=15_000_000,
-        prev_action=False,
-        preset="popgym",
-    ),
+    # The paper's PPO sizes with our default agent (the same time embedding for every memory).
+    "popgym": dataclasses.replace(_PAPER_PPO_SIZES, preset="popgym"),
     # The authors' POPGym agent and RLlib 2.3 PPO exactly as spec/paper_popgym.md states.
-    "paper-popgym": Config(
+    "paper-popgym": dataclasses.replace(
+        _PAPER_PPO_SIZES,
         agent="paper",
         memory_size_auto=True,
-        num_envs=64,
-        num_steps=1024,
-        num_epochs=30,
-        num_minibatches=8,
-        lr=5e-5,
-        gamma=0.99,
-        gae_lambda=1.0,
         clip_eps=0.3,
-        ent_coef=0.0,
-        vf_coef=1.0,
         max_grad_norm=0.0,
         vf_loss_clip=10.0,
         kl_coeff=0.2,
         kl_target=0.01,
         adv_norm="batch",
-        total_timesteps=15_000_000,
-        prev_action=False,
         preset="paper-popgym",
     ),
 }
