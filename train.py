@@ -4,10 +4,11 @@ program, in the style of PureJaxRL's `ppo_rnn.py`.
     python train.py --env RepeatFirstEasy --memory shm --num-seeds 2 --out runs/rf-easy
     python train.py --resume runs/rf-easy        # continue it after Ctrl-C
     python train.py --eval runs/rf-easy          # reload its params and report returns
-    python train.py --preset popgym --env RepeatPreviousHard --memory shm --memory-size 32
+    python train.py --preset paper-popgym --env RepeatPreviousHard --memory shm
 
 Reading order: `Config` (every knob, typed) -> networks (`ActorCritic`: embedding -> memory ->
-actor / critic heads) -> `gae` -> `make_train(cfg)`, which returns a pure `train(keys)` that
+actor / critic heads; `PaperAgent`, the SHM authors' POPGym agent) -> PPO pieces (KL penalty,
+value loss) -> `gae` -> `make_train(cfg)`, which returns a pure `train(keys)` that
 `jax.jit` compiles whole (one `lax.scan` over updates; in each update a rollout scan, GAE, and a
 scan over epochs x minibatches; seeds under `lax.map` or `jax.vmap`). The run's lifecycle
 (segments, checkpoints, resume, Ctrl-C, logs, outputs, evaluation, the CLI) is run.py.
