@@ -288,6 +288,16 @@ def time_encoding(t: jax.Array, width: int) -> jax.Array:
     return table[jnp.minimum(t, MAX_EPISODE_INDEX - 1)]
 
 
+def agent_inputs(carry, obs, resets, pixel_dims: int):
+    """What both agents start from: (memory carry, step index t [T, B], float observations
+    [T, B, obs_dim] with the leading `pixel_dims` components scaled from 0..255 to [0, 1])."""
+    mem_carry, t_last = carry
+    x = obs.astype(jnp.float32)
+    if pixel_dims:
+        x = x.at[..., :pixel_dims].multiply(1.0 / 255.0)
+    return mem_carry, episode_step(t_last, resets), x
+
+
 class AgentBase(nn.Module):
     """What the two agents share: the carry is (memory carry, step index t of the last step)."""
 
@@ -316,11 +326,7 @@ class ActorCritic(AgentBase):
 
     @nn.compact
     def __call__(self, carry, obs, resets, aux):
-        mem_carry, t_last = carry
-        t = episode_step(t_last, resets)
-        x = obs.astype(jnp.float32)
-        if self.pixel_dims:
-            x = x.at[..., : self.pixel_dims].multiply(1.0 / 255.0)
+        mem_carry, t, x = agent_inputs(carry, obs, resets, self.pixel_dims)
         if self.time_embedding:
             x = jnp.concatenate([x, time_encoding(t, self.time_embedding)], axis=-1)
         x = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)), name="embed")(x))
@@ -371,11 +377,7 @@ class PaperAgent(AgentBase):
 
     @nn.compact
     def __call__(self, carry, obs, resets, aux):
-        mem_carry, t_last = carry
-        t = episode_step(t_last, resets)
-        x = obs.astype(jnp.float32)
-        if self.pixel_dims:
-            x = x.at[..., : self.pixel_dims].multiply(1.0 / 255.0)
+        mem_carry, t, x = agent_inputs(carry, obs, resets, self.pixel_dims)
         x = TorchDense(128, name="feature_map")(x)
         x = nn.LayerNorm(use_scale=False, use_bias=False)(x)
         if self.time_embedding:
