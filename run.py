@@ -46,8 +46,10 @@ from typing import Any
 import jax
 import numpy as np
 from flax import serialization
+from jax.experimental import multihost_utils
 
 import envs
+import launch
 import shm_jax
 import train
 from train import Config, RunnerState, Setup
@@ -104,11 +106,32 @@ def segment_length(cfg: Config) -> int:
 
 def check_run(cfg: Config, resume: bool = False) -> Setup:
     """Every check that can fail on user input, before anything is compiled: the config, the
-    output directory (an existing run is refused unless --overwrite; a file or an unwritable
-    path is reported), --wandb's package. ValueError with a one-line message."""
+    seeds against the devices of a run over several hosts, the output directory (an existing run
+    is refused unless --overwrite; a file or an unwritable path is reported), --wandb's package.
+    ValueError with a one-line message. With several processes, process 0 checks the directory
+    and the others fail with it."""
     setup = train.make_env_and_network(cfg)
     if cfg.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0 = auto), got {cfg.checkpoint_every}")
+    processes, devices = jax.process_count(), jax.device_count()
+    if processes > 1 and cfg.num_seeds % devices:
+        raise ValueError(
+            f"--num-seeds {cfg.num_seeds} must be a multiple of the {devices} devices of this "
+            f"{processes}-process run (the seeds are sharded over every host's devices)"
+        )
+    error = None
+    if is_main_process():
+        try:
+            _check_out(cfg, resume)
+        except ValueError as err:
+            error = err
+    if any_process(error is not None):
+        raise error or ValueError("process 0 refused the run (its error says why)")
+    return setup
+
+
+def _check_out(cfg: Config, resume: bool) -> None:
+    """check_run's part for the files process 0 writes: --out and --wandb."""
     out = cfg.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a directory")
@@ -127,7 +150,6 @@ def check_run(cfg: Config, resume: bool = False) -> Setup:
         raise ValueError(f"--out {out!r} is not writable ({parent!r} is not a writable directory)")
     if cfg.wandb:
         _import_wandb()
-    return setup
 
 
 def _import_wandb():
@@ -180,14 +202,18 @@ class Checkpoints:
     DIR/checkpoints/<updates done>/. Typed PRNG keys are stored as their raw key data.
 
     Saves are asynchronous: `save` returns once the arrays are copied to the host and the write
-    continues in a background thread (orbax waits for it before the next save; `wait` waits)."""
+    continues in a background thread (orbax waits for it before the next save; `wait` waits).
+    In a run over several hosts every process saves its shards, synchronously: orbax's barriers
+    are then collectives, which must not interleave with a running segment's."""
 
     def __init__(self, directory: str):
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=2, enable_async_checkpointing=True, cleanup_tmp_directories=True
+            max_to_keep=2,
+            enable_async_checkpointing=jax.process_count() == 1,
+            cleanup_tmp_directories=True,
         )
         path = os.path.abspath(os.path.join(directory, "checkpoints"))
         self.manager = ocp.CheckpointManager(path, options=options)
@@ -200,18 +226,19 @@ class Checkpoints:
     def save(self, runner: RunnerState) -> None:
         t0 = time.perf_counter()
         raw = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, runner)
-        step = int(np.asarray(runner.update).reshape(-1)[0])
+        step = int(np.asarray(runner.update.addressable_data(0)).reshape(-1)[0])
         self.manager.save(step, args=self.ocp.args.StandardSave(raw))
         self.saving_s += time.perf_counter() - t0
 
-    def restore(self, step: int, like: RunnerState, key_impl) -> RunnerState:
-        """The RunnerState saved at `step`; `like`: its shapes (jax.eval_shape of init)."""
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    def restore(self, step: int, like: RunnerState, key_impl, sharding=None) -> RunnerState:
+        """The RunnerState saved at `step`; `like`: its shapes (jax.eval_shape of init);
+        `sharding`: where its leaves go (default: this process's first device)."""
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
         def abstract(x):
             if _is_key(x):
                 x = jax.eval_shape(jax.random.key_data, x)
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
         raw = self.manager.restore(
             step, args=self.ocp.args.StandardRestore(jax.tree.map(abstract, like))
@@ -469,8 +496,35 @@ def _wait(fn: Callable[[], Any]) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def is_main_process() -> bool:
+    """Whether this process writes the run's files: process 0 of a run over several hosts."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective: with several, all must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def to_host(tree):
+    """numpy copies of a pytree of arrays whose shards may lie on several hosts (a collective:
+    with several processes, all must call it)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _sync(name: str) -> None:
+    """Wait here for every process of a run over several hosts."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def seed_sharding(num_seeds: int):
-    """A sharding that splits the seed axis over all devices, or None with one device."""
+    """A sharding that splits the seed axis over all devices (every host's, with several
+    processes), or None with one device or, in one process, seeds that do not divide evenly."""
     devices = jax.devices()
     if len(devices) < 2 or num_seeds % len(devices):
         return None
@@ -497,23 +551,30 @@ def run(cfg: Config, resume: bool = False) -> dict:
     Ctrl-C raises `RunInterrupted` once the current segment is saved (a second Ctrl-C: at once).
     The summary: final, final_std, final_per_seed (the headline metric over the last 10% of
     updates), final_metrics (every episode metric, seed mean), compile_s, run_s, steps_per_s,
-    random_return, random_metrics, devices, params, state_size, checkpoint_s.
+    random_return, random_metrics, devices, params, state_size, checkpoint_s. In a run over
+    several hosts (launch.py) process 0 prints and returns it; the others return compile_s,
+    run_s and devices.
     """
     setup = check_run(cfg, resume)
-    if not resume:
+    # A run over several hosts: every process runs the same program on its devices' seeds, and
+    # process 0 alone writes the files (csv, logs, progress, params, plot; checkpoints: all).
+    main = is_main_process()
+    if main and not resume:
         start_run_dir(cfg)
+    _sync("run directory ready")
     headline = headline_metric(setup)
     U, S, K = cfg.num_updates, cfg.num_seeds, segment_length(cfg)
     interval = checkpoint_interval(cfg)
     progress = Progress(cfg, headline, show=False)
-    program = train.make_train(cfg, progress)
+    program = train.make_train(cfg, progress)  # its progress callback runs on process 0
     keys = train.make_keys(cfg)
     sharding = seed_sharding(S)
-    place = (lambda x: jax.device_put(x, sharding)) if sharding is not None else (lambda x: x)
+    shard_seeds = {} if sharding is None else dict(out_shardings=sharding)
     checkpoints = Checkpoints(cfg.out)
     done = (checkpoints.latest() or 0) if resume else 0
-    truncate_csv(cfg, done)
-    loggers = Loggers(cfg, done)
+    if main:
+        truncate_csv(cfg, done)
+    loggers = Loggers(cfg, done) if main else None
 
     def stopped_line(at_once: bool) -> str:
         step = last_complete_checkpoint(cfg.out) if at_once else done
@@ -526,19 +587,19 @@ def run(cfg: Config, resume: bool = False) -> dict:
         return f"stopped at once; the last checkpoint, {where}, is valid; resume with: {command}"
 
     try:
-        print(
-            f"compiling {cfg.env} / {cfg.memory}: a segment of {K} update(s) x {S} seed(s), "
-            "compiled once for the whole run (first run of this config; often 10-60 s on a "
-            "CPU) ...",
-            flush=True,
-        )
+        if main:
+            print(
+                f"compiling {cfg.env} / {cfg.memory}: a segment of {K} update(s) x {S} seed(s), "
+                "compiled once for the whole run (first run of this config; often 10-60 s on a "
+                "CPU) ...",
+                flush=True,
+            )
         t0 = time.perf_counter()
         if done:
             like = jax.eval_shape(program.init, keys)
-            runner = checkpoints.restore(done, like, jax.random.key_impl(keys))
+            runner = checkpoints.restore(done, like, jax.random.key_impl(keys), sharding)
         else:
-            runner = _wait(lambda: jax.jit(program.init)(keys))
-        runner = jax.tree.map(place, runner)
+            runner = _wait(lambda: jax.jit(program.init, **shard_seeds)(keys))
         segment = jax.jit(lambda r: program.updates(r, K, stop=U))
         compiled = _wait(lambda: segment.lower(runner).compile())
         compile_s = time.perf_counter() - t0
@@ -550,23 +611,35 @@ def run(cfg: Config, resume: bool = False) -> dict:
             return f"Ctrl-C: {now}, then saving (press Ctrl-C again to stop at once)"
 
         saved = done
+        warned = False
 
         def write(start: int, n: int, runner: RunnerState, metrics: dict, last=False) -> None:
             """A segment's outputs: rows in metrics.csv, live logs, then the checkpoint if one
             is due (or this is the last segment of the session)."""
-            nonlocal saved
-            append_csv(cfg, start, metrics, progress.steps_per_second(start, n))
-            loggers.log(start, metrics)
+            nonlocal saved, warned
+            if main:
+                warning = None if warned else nonfinite_warning(cfg, start, metrics)
+                if warning:
+                    progress.bar.write(warning, file=sys.stderr)
+                    warned = True
+                append_csv(cfg, start, metrics, progress.steps_per_second(start, n))
+                loggers.log(start, metrics)
             if last or start + n - saved >= interval:
                 checkpoints.save(runner)
                 saved = start + n
 
-        progress.show = cfg.progress
+        progress.show = cfg.progress and main
         progress.start(done)
         first, t0 = done, time.perf_counter()
+        # One process writes while the next segment runs; several write in between segments,
+        # so that every host issues its collectives (gathers, orbax's barriers) in one order.
+        overlap = jax.process_count() == 1
         with _Interrupt(pressed) as interrupt:
             unwritten = None  # the last segment's (start, n, runner, metrics)
-            while done < U and not interrupt.requested:
+            while done < U and not any_process(interrupt.requested):
+                if unwritten is not None and not overlap:
+                    write(*unwritten)
+                    unwritten = None
                 n = min(K, U - done)
                 running = (done + 1, done + n)
                 result = _in_background(lambda r=runner: jax.block_until_ready(compiled(r)))
@@ -574,7 +647,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
                     write(*unwritten)
                 runner, metrics = result()
                 running = None
-                unwritten = (done, n, runner, {k: np.asarray(v)[:n] for k, v in metrics.items()})
+                metrics = {k: v[:n] for k, v in to_host(metrics).items()}
+                unwritten = (done, n, runner, metrics)
                 done += n
             if unwritten is not None:
                 write(*unwritten, last=True)
@@ -583,16 +657,20 @@ def run(cfg: Config, resume: bool = False) -> dict:
             progress.bar.close()
             if done < U:
                 raise RunInterrupted(stopped_line(at_once=False))
+            params = _wait(lambda: to_host(runner.params))
+            if not main:  # the summary below reads metrics.csv, which process 0 writes
+                return dict(compile_s=compile_s, run_s=run_s, devices=jax.device_count())
             evaluate = jax.jit(train.make_evaluate(cfg, setup, EVAL_EPISODES, random_policy=True))
             random = _wait(lambda: jax.device_get(evaluate(None, jax.random.key(cfg.seed + 1))))
-            summary = write_outputs(cfg, runner.params, headline, float(random["episode_return"]))
+            summary = write_outputs(cfg, params, headline, float(random["episode_return"]))
     except KeyboardInterrupt as err:
         progress.bar.close()
         if isinstance(err, RunInterrupted):
             raise
         raise RunInterrupted(stopped_line(at_once=True), at_once=True) from None
     finally:
-        loggers.close()
+        if loggers is not None:
+            loggers.close()
         checkpoints.close()
 
     n_params, state_size = model_size(setup, runner.params)
@@ -618,6 +696,27 @@ def run(cfg: Config, resume: bool = False) -> dict:
         f"run {run_s:.1f}s, {summary['steps_per_s']:,.0f} steps/s | -> {cfg.out}"
     )
     return summary
+
+
+def nonfinite_warning(cfg: Config, first_update: int, metrics: dict) -> str | None:
+    """A one-line warning if a segment's gradient norm or value loss is inf/NaN in any seed
+    (metrics: name -> [n, seeds]), naming the first such update and the usual fix; else None."""
+    bad = np.zeros_like(np.asarray(metrics["grad_norm"]), bool)
+    for name in ("grad_norm", "value_loss"):
+        bad |= ~np.isfinite(np.asarray(metrics[name]))
+    if not bad.any():
+        return None
+    update, seed = np.argwhere(bad)[0]
+    fix = (
+        " SHM's memory overflowed float32: on episodes longer than ~100 steps use "
+        "--theta-init xavier (README, 'Credit assignment')."
+        if cfg.memory.startswith("shm") and cfg.theta_init == "xavier_abs"
+        else " Lower --lr, or check the env's rewards."
+    )
+    return (
+        f"warning: non-finite gradient norm or value loss at update {first_update + update + 1}, "
+        f"seed {seed}: the run is diverging.{fix}"
+    )
 
 
 def _metric_text(metrics: dict, skip=()) -> str:
@@ -762,6 +861,8 @@ USAGE = """Recurrent PPO with a memory module (SHM, GRU, ...) on a jitted enviro
 Other modes: `python train.py --resume DIR` continues the run in DIR from its last checkpoint;
 `python train.py --eval DIR [--episodes N] [--greedy] [--seed S]` evaluates a run (each env's
 first episode counts); `python train.py --list` prints every env id and memory name.
+Several hosts: the same command on each, plus `--coordinator-address HOST:PORT --num-processes N
+--process-id I` (or `--distributed` on Slurm, Open MPI, TPU pods); launch.py.
 Memories: {memories}."""
 
 
@@ -817,6 +918,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     resume = False
     try:
+        argv = launch.start(argv)  # strips the multi-host flags (`python train.py` joined first)
         if argv == ["--list"]:
             print_list()
             return

@@ -8,7 +8,8 @@ program, in the style of PureJaxRL's `ppo_rnn.py`.
 
 Reading order: `Config` (every knob, typed) -> networks (`ActorCritic`: embedding -> memory ->
 actor / critic heads; `PaperAgent`, the SHM authors' POPGym agent) -> PPO pieces (KL penalty,
-value loss) -> `gae` -> `make_train(cfg)`, which returns a pure `train(keys)` that
+value loss, `gae`) -> evaluation and inspection (`make_evaluate`; `replay_episode` and
+`memory_trace` for notebooks) -> `make_train(cfg)`, which returns a pure `train(keys)` that
 `jax.jit` compiles whole (one `lax.scan` over updates; in each update a rollout scan, GAE, and a
 scan over epochs x minibatches; seeds under `lax.map` or `jax.vmap`). The run's lifecycle
 (segments, checkpoints, resume, Ctrl-C, logs, outputs, evaluation, the CLI) is run.py.
@@ -23,10 +24,16 @@ RLlib update re-draws θ instead (spec/shm.md, "disagree" item 3).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
+
+if __name__ == "__main__":  # first: gymnax's import below starts jax's backend (launch.py)
+    import launch
+
+    launch.start_from_command_line()
 
 import flax.linen as nn
 import jax
@@ -61,12 +68,14 @@ class Config:
     memory_features: int = 0
     """Default agent: the memory's output width (SHM's output projection W_o; 0 = the memory
     size, as the layer defaults to)."""
-    theta_init: Literal["xavier", "xavier_abs"] = "xavier_abs"
-    """Default agent, SHM: initialisation of the calibration bank Θ (`shm_jax.SHM.theta_init`).
-    xavier_abs (|Xavier-uniform|: every row starts with the same signs, so whether C_t forgets
-    is set by the learned c_t, not by which random row was drawn) learns RepeatPreviousEasy ~3x
-    faster than the paper's xavier (README, "Why SHM learned slowly"). The paper agent keeps
-    xavier."""
+    theta_init: Literal["xavier", "xavier_abs"] = "xavier"
+    """Default agent, SHM: initialisation of the calibration bank Θ (`shm_jax.SHM.theta_init`):
+    xavier (the paper's Xavier-uniform) or xavier_abs (|Xavier-uniform|: every row starts with
+    the same signs, so whether C_t forgets is set by the learned c_t, not by which random row was
+    drawn). xavier_abs learns short POPGym tasks ~3x faster (RepeatPreviousEasy), but where c_t
+    stays positive every C_t entry of a column exceeds 1, and on episodes of 100+ steps (Wind,
+    Visual Match) the memory overflows float32 in the first update (README, "Why SHM learned
+    slowly")."""
     memory_size_auto: bool = False
     """Pick --memory-size from the env's level as the authors did (SHM: 128 Easy, 64 Medium,
     32 Hard; other memories 64, their script's GRU default). `--preset paper-popgym` sets it."""
@@ -82,6 +91,9 @@ class Config:
     write was (README, "Why SHM learned slowly"). The paper agent uses its own 128-wide one."""
     head: Literal["auto", "categorical", "gaussian"] = "auto"
     """Action head; auto = categorical for Discrete, diagonal Gaussian for Box action spaces."""
+    log_std_init: float = 0.0
+    """Diagonal Gaussian head: initial log standard deviation of every action component (a
+    learned, state-independent parameter)."""
     prev_action: bool = True
     """Append the previous action (one-hot; raw for Box actions) and a first-step flag to the
     observation. popgym's baselines do; the SHM authors' POPGym runs did not, so `--preset popgym`
@@ -124,9 +136,15 @@ class Config:
     adv_norm: Literal["minibatch", "batch"] = "minibatch"
     """Standardise advantages per minibatch (PureJaxRL) or over the whole batch (RLlib)."""
     num_seeds: int = 1
-    """Independent seeds trained in parallel (vmapped; sharded when several devices are visible)."""
+    """Independent seeds trained in parallel (vmapped; sharded when several devices are visible,
+    over every host's devices in a run over several hosts: launch.py)."""
     seed: int = 0
     """Base random seed; seed i of the run uses key split(key(seed), num_seeds)[i]."""
+    matmul_precision: Literal["highest", "high", "default"] = "highest"
+    """jax's precision for float32 matmuls. highest = full float32 on every backend: acting and
+    the update (different scan forms) then agree, so the update's first ratio is 1 (a GPU's
+    default rounds matmul inputs to TF32, which moved it ~1e-4 on an H100). default/high trade
+    that for tensor-core speed on a GPU. A CPU computes float32 in full either way."""
     eval_every: int = 10
     """Meta-RL envs (with env.eval_params): evaluate on the held-out tasks every N updates."""
     out: str = "runs/latest"
@@ -146,9 +164,10 @@ class Config:
     """W&B project name."""
     wandb_name: str = ""
     """W&B run name (empty: the --out directory's name)."""
-    preset: Literal["none", "popgym", "paper-popgym"] = "none"
+    preset: Literal["none", "popgym", "paper-popgym", "meta"] = "none"
     """Settings preset applied before the other flags: paper-popgym = the SHM authors' POPGym
-    agent and RLlib PPO (the paper's setting); popgym = their PPO sizes with our agent."""
+    agent and RLlib PPO (the paper's setting); popgym = their PPO sizes with our agent; meta =
+    PPO for continuous control (the meta-RL tasks)."""
 
     @property
     def mem_size(self) -> int:
@@ -210,6 +229,19 @@ PRESETS: dict[str, Config] = {
         kl_target=0.01,
         adv_norm="batch",
         preset="paper-popgym",
+    ),
+    # Continuous control (meta-RL: Wind, Point Robot): a smaller, steadier PPO step (lr 3e-4,
+    # no entropy bonus, which only widens a Gaussian policy), long credit (λ 0.99), 64 envs and
+    # 200-step rollouts (whole trials of both tasks), the policy's std starting at e^-0.5.
+    "meta": Config(
+        num_envs=64,
+        num_steps=200,
+        lr=3e-4,
+        ent_coef=0.0,
+        gae_lambda=0.99,
+        log_std_init=-0.5,
+        total_timesteps=1_000_000,
+        preset="meta",
     ),
 }
 
@@ -323,6 +355,7 @@ class ActorCritic(AgentBase):
     hidden: int = 128
     pixel_dims: int = 0  # leading obs components that are 0..255 pixels (VecEnv.pixel_dims)
     time_embedding: int = 0
+    log_std_init: float = 0.0
 
     @nn.compact
     def __call__(self, carry, obs, resets, aux):
@@ -335,7 +368,8 @@ class ActorCritic(AgentBase):
         a = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)))(y))
         a = nn.Dense(self.action_dim, kernel_init=_orth(0.01))(a)
         if self.continuous:
-            log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
+            init = nn.initializers.constant(self.log_std_init)
+            log_std = self.param("log_std", init, (self.action_dim,))
             policy_out = (a, log_std)
         else:
             policy_out = a
@@ -473,7 +507,7 @@ def adapt_kl_coeff(kl_coeff, kl, target: float):
 # ---------------------------------------------------------------------------------------------
 
 
-def _vec_env_class():
+def vec_env_class():
     """The project's training vector env (batched auto-reset, episode statistics)."""
     if hasattr(envs, "VecEnv"):
         return envs.VecEnv
@@ -515,7 +549,7 @@ def make_env_and_network(cfg: Config) -> Setup:
     if cfg.head == "gaussian" and not continuous:
         raise ValueError(f"--head gaussian needs a Box action space; {cfg.env!r} has Discrete")
 
-    venv = _vec_env_class()(env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
+    venv = vec_env_class()(env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
     pixel_dims = venv.pixel_dims  # 0..255 pixel values the network scales to [0, 1]
     is_shm = cfg.memory.startswith("shm")
     if cfg.agent == "paper":
@@ -530,7 +564,13 @@ def make_env_and_network(cfg: Config) -> Setup:
             cfg.memory, size=cfg.mem_size, features=cfg.memory_features or None, **extra
         )
         network = ActorCritic(
-            memory, action_dim, continuous, cfg.hidden, pixel_dims, cfg.time_embedding
+            memory,
+            action_dim,
+            continuous,
+            cfg.hidden,
+            pixel_dims,
+            cfg.time_embedding,
+            cfg.log_std_init,
         )
 
     # The info keys are static: read them off one abstractly evaluated step.
@@ -693,7 +733,7 @@ def make_evaluate(
     """
     n = num_episodes or cfg.num_envs
     env_params = setup.eval_params if setup.eval_params is not None else setup.env_params
-    venv = _vec_env_class()(setup.env, env_params, n, prev_action=cfg.prev_action)
+    venv = vec_env_class()(setup.env, env_params, n, prev_action=cfg.prev_action)
     horizon = int(env_params.max_steps_in_episode)
     space = setup.env.action_space(env_params)
 
@@ -729,7 +769,126 @@ def make_evaluate(
         out["episodes"] = count
         return out
 
-    return evaluate
+    return with_matmul_precision(cfg.matmul_precision, evaluate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection: a trained policy's episodes and the memory inside them (notebooks, experiments/)
+# ---------------------------------------------------------------------------------------------
+
+
+def one_seed(params, seed: int = 0):
+    """One seed's params out of a run's, whose leaves are [S, ...] (`run.load_run`)."""
+    return jax.tree.map(lambda x: jnp.asarray(x[seed]), params)
+
+
+def replay_episode(
+    cfg: Config,
+    setup: Setup,
+    params,
+    key: jax.Array,
+    num_episodes: int = 1,
+    held_out: bool = False,
+    greedy: bool = False,
+) -> dict[str, Any]:
+    """Run one seed's policy (`params` without a seed axis: `one_seed`) on one env for
+    `num_episodes` consecutive episodes, from a fresh memory, acting as in training (sampled
+    actions and θ rows; `greedy`: the most likely action). Meta-RL envs draw their training
+    tasks, or with `held_out` the held-out ones.
+
+    Returns numpy arrays. Per step, T steps in all (the episodes back to back):
+      obs [T, obs_dim] (what the network saw), reset [T] bool (the step starts an episode: the
+      memory is zeroed before it), aux [T] (the memory's per-step randomness, e.g. SHM's θ rows),
+      action [T] or [T, A] (what the env received), reward [T], done [T] bool, episode [T] int
+      (which episode), state (the env's state that the observation shows: a pytree, leaves
+      [T, ...]).
+    Per episode, named as in metrics.csv: episode_return [E], episode_length [E] and one per
+      `env.episode_metrics` (e.g. episode_success). E < num_episodes only if they did not all
+      end within num_episodes x max_steps_in_episode steps (the last one is then unfinished).
+    """
+    if not isinstance(num_episodes, int) or num_episodes < 1:
+        raise ValueError(f"num_episodes must be an int >= 1, got {num_episodes!r}")
+    if held_out and setup.eval_params is None:
+        raise ValueError(
+            f"held_out=True needs a meta-RL env (env.eval_params); {cfg.env!r} has none"
+        )
+    env_params = setup.eval_params if held_out else setup.env_params
+    venv = vec_env_class()(setup.env, env_params, 1, prev_action=cfg.prev_action)
+
+    @jax.jit
+    def replay(params, key):
+        def step(state, key):
+            env_state, carry, obs, reset = state
+            key_act, key_env = jax.random.split(key)
+            carry, action, _, _, aux, policy_out = act(setup, params, carry, obs, reset, key_act)
+            if greedy:
+                action = policy_out[0] if setup.continuous else jnp.argmax(policy_out, -1)
+            action = env_action(setup, action)
+            next_obs, next_state, reward, done, info = venv.step(key_env, env_state, action)
+            record = dict(obs=obs, reset=reset, aux=aux, action=action, reward=reward, done=done)
+            record["state"] = env_state.env_state  # the state this step's observation shows
+            record["info"] = {k: v for k, v in info.items() if k.startswith("returned_episode_")}
+            record = jax.tree.map(lambda x: x[0], record)  # drop the one-env axis
+            return (next_state, carry, next_obs, done), record
+
+        key_reset, key = jax.random.split(key)
+        obs, env_state = venv.reset(key_reset)
+        state = (env_state, setup.network.initialize_carry((1,)), obs, jnp.ones((1,), bool))
+        steps = num_episodes * int(env_params.max_steps_in_episode)
+        return jax.lax.scan(step, state, jax.random.split(key, steps))[1]
+
+    record = jax.device_get(replay(params, key))
+    ends = np.flatnonzero(record["done"])[:num_episodes]
+    T = int(ends[-1]) + 1 if len(ends) == num_episodes else len(record["done"])
+    out = jax.tree.map(lambda x: np.asarray(x[:T]), record)
+    out["episode"] = np.cumsum(out["reset"]) - 1
+    info = out.pop("info")
+    ends = ends[ends < T]
+    out.update({metric_name(k): v[ends] for k, v in info.items()})
+    return out
+
+
+def make_memory_trace(setup: Setup) -> Callable:
+    """A jitted `trace(params, carry, obs [T, B, obs_dim], reset [T, B], aux [T, B])` that runs
+    the network (one seed's params, network carry leaves [B, ...]) and returns (the network's
+    carry after step T-1, {"M", "C", "U"} each [T, B, H, H]): the SHM layer's recurrence
+    M_t = C_t ⊙ M_{t-1} + U_t on exactly the inputs the network feeds it (`SHM.memory_trace`).
+    Chunks of a long replay, run one after another carrying the network carry, give the same
+    numbers as one call. ValueError if the network's memory is not an SHM layer."""
+    if not isinstance(setup.memory, shm_jax.SHM):
+        raise ValueError(
+            f"memory_trace reads an SHM layer's M_t and C_t; this network's memory is "
+            f"{type(setup.memory).__name__} (memories with an SHM layer: shm, shm_nocal, "
+            f"shm_fixed, shm_single)"
+        )
+
+    @jax.jit
+    def trace(params, carry, obs, reset, aux):
+        found = []
+
+        def grab(next_fun, args, kwargs, context):
+            # The memory's own inputs, whatever layers come before it in the network.
+            if isinstance(context.module, shm_jax.SHM) and context.method_name == "__call__":
+                found.append(context.module.memory_trace(*args, **kwargs))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(grab):
+            carry = setup.network.apply(params, carry, obs, reset, aux)[0]
+        return carry, found[0]
+
+    return trace
+
+
+def memory_trace(setup: Setup, params, episode: dict) -> dict[str, np.ndarray]:
+    """The SHM layer's M_t, C_t and U_t over a replay (`replay_episode`'s dict; its obs, reset
+    and aux are read), each a numpy array [T, H, H]: M_t is the memory after step t, zeroed at
+    each episode's start as the layer does. For a few episodes; `make_memory_trace` runs long
+    replays in chunks."""
+    trace = make_memory_trace(setup)
+    carry = setup.network.initialize_carry((1,))
+    inputs = (episode[k][:, None] for k in ("obs", "reset", "aux"))  # [T, 1, ...]
+    _, out = trace(params, carry, *inputs)
+    return {k: np.asarray(v[:, 0]) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -938,7 +1097,23 @@ def make_train(cfg: Config, progress: Callable[[np.ndarray, dict], None] | None 
 
         return jax.lax.scan(body, runner, None, length)
 
-    return Train(init_seeds, updates, cfg.num_updates)
+    return Train(
+        with_matmul_precision(cfg.matmul_precision, init_seeds),
+        with_matmul_precision(cfg.matmul_precision, updates),
+        cfg.num_updates,
+    )
+
+
+def with_matmul_precision(precision: str, fn: Callable) -> Callable:
+    """fn traced (or run) under jax's float32 matmul `precision` (Config.matmul_precision); jax
+    reads it while tracing, so the compiled program keeps it."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _seed_map(num_seeds: int) -> Callable:

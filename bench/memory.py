@@ -14,7 +14,13 @@ memory (arguments + outputs + temporaries, from XLA's memory analysis). Rows:
   (GPU only: on a CPU it would run interpreted);
 - `SHM(H)/<method>`: the whole SHM layer (projections, calibration, scan, read-out), input width H
   ("sequential" runs `fused_read`; "pallas" on GPU only);
-- `GRU(256)`: flax GRUCell with 256 hidden units under a scan, input width H, same T and B.
+- `GRU(256)`, `GRU(256), unroll 16`: flax GRUCell with 256 hidden units under a scan (1 or 16
+  steps per loop iteration), input width H, same T and B;
+- `memorax SHM(H)`: memorax 1.0.1's `SHMCell` (the peer JAX SHM) under its own `RNN` wrapper,
+  same sizes (input width H, H x H memory, H outputs, 128 θ rows drawn per step, a reset at
+  T/2), batch-major as memorax takes it; run when `import memorax` works
+  (`pip install -e '.[bench]'`), skipped with a note otherwise. The line after it is the ratio
+  of our SHM's fwd+bwd steps/s ("auto" and the fastest method) to memorax's.
 """
 
 import pathlib
@@ -106,6 +112,38 @@ def layer_row(name, T, B, H, key, **kwargs):
     return measure(forward, (params, x), REPEATS)
 
 
+def memorax_row(T, B, H, key):
+    """memorax's SHMCell under memorax's RNN (a flax scan that resets by masking the carry):
+    inputs [B, T, H], mask [B, T]; the "memory" rng draws a θ row per step and sequence."""
+    from memorax.networks.sequence_models import RNN, SHMCell
+
+    module = RNN(
+        cell=SHMCell(features=H, output_features=H, num_thetas=128),
+        split_rngs={"params": False, "memory": True},
+    )
+    kx, kp, km = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (B, T, H))
+    mask = jnp.zeros((B, T), bool).at[:, T // 2].set(True)
+    params = module.init({"params": kp, "memory": km}, x, mask)
+
+    def forward(params, x):
+        return module.apply(params, x, mask, rngs={"memory": km})[1]
+
+    return measure(forward, (params, x), REPEATS)
+
+
+def memorax_version() -> tuple[str | None, str]:
+    """(memorax's version, or None if it does not import; what to print about it)."""
+    try:
+        from importlib.metadata import version
+
+        import memorax  # noqa: F401
+    except Exception as err:  # not installed, or broken beside this jax
+        why = "not installed" if isinstance(err, ImportError) else f"{type(err).__name__}: {err}"
+        return None, f"{why}; its SHM row is skipped (pip install -e '.[bench]')"
+    return version("memorax"), version("memorax")
+
+
 def main():
     global REPEATS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -117,9 +155,10 @@ def main():
     sizes = [tuple(int(n) for n in size.split(",")) for size in args.size or []] or SIZES
     REPEATS = 2 if args.quick else 5
 
+    peer, note = memorax_version()
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), memorax {note}"
     )
     print()
     print("| T, B, H | what | fwd steps/s | fwd+bwd steps/s | fwd+bwd peak MiB |")
@@ -139,6 +178,9 @@ def main():
                 (f"SHM({H})/{method}", layer_row("shm", T, B, H, key, size=H, method=method))
             )
         rows.append(("GRU(256)", layer_row("gru", T, B, H, key, size=256)))
+        rows.append(("GRU(256), unroll 16", layer_row("gru", T, B, H, key, size=256, unroll=16)))
+        if peer:
+            rows.append((f"memorax SHM({H})", memorax_row(T, B, H, key)))
         for what, (fwd, bwd, peak) in rows:
             label = f"{what} (= {auto})" if what.endswith("/auto") else what
             print(
@@ -156,6 +198,13 @@ def main():
         print(
             f"|  | SHM({H}) best vs GRU(256) fwd+bwd | | {dict(rows)['GRU(256)'][1] / shm_best:.2f}x | |"
         )
+        if peer:
+            theirs = dict(rows)[f"memorax SHM({H})"][1]
+            ours = dict(rows)[f"SHM({H})/auto"][1]
+            print(
+                f"|  | SHM({H}) vs memorax SHM({H}) fwd+bwd | | auto {theirs / ours:.2f}x, "
+                f"best {theirs / shm_best:.2f}x | |"
+            )
 
 
 REPEATS = 5

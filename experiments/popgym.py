@@ -117,7 +117,13 @@ def cmd_run(args, extra: list[str]) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    if args.dry_run:
+    run_cells(cells, jobs=args.jobs, dry_run=args.dry_run)
+
+
+def run_cells(cells: list[grid.Cell], jobs: int, dry_run: bool) -> None:
+    """List the cells and their state (dry_run), or run the unfinished ones; exits 1 if any
+    failed and as interrupted on Ctrl-C (shared by the experiment CLIs)."""
+    if dry_run:
         for cell in cells:
             cfg = cell.config
             if grid.is_finished(cell):
@@ -132,7 +138,7 @@ def cmd_run(args, extra: list[str]) -> None:
             )
         return
     try:
-        failed = grid.run_grid(cells, jobs=args.jobs)
+        failed = grid.run_grid(cells, jobs=jobs)
     except KeyboardInterrupt as stop:
         print(
             "interrupted: rerun the same command to continue (finished cells are kept, "

@@ -227,11 +227,55 @@ def collect(
     return cells
 
 
+def find_cells(
+    root: str, envs, variants, metric: str = METRIC
+) -> tuple[dict[tuple[str, str], CellResult], list[str]]:
+    """The cells `<root>/<env>/<variant>` of a grid that can be read with `metric`, keyed by
+    (env, variant), and one line for each that cannot (not run yet, or no such column): a
+    notebook plots what is there and says what is not."""
+    found, missing = {}, []
+    for env in envs:
+        for variant in variants:
+            path = os.path.join(root, env, variant)
+            if not os.path.isfile(os.path.join(path, "metrics.csv")):
+                missing.append(f"{env}/{variant}: no metrics.csv in {path}")
+                continue
+            try:
+                found[env, variant] = load_cell(path, env, variant, metric=metric)
+            except ValueError as err:
+                missing.append(f"{env}/{variant}: {err}")
+    return found, missing
+
+
+def random_level(cell: CellResult, metric: str = METRIC) -> float | None:
+    """The uniformly random policy's `metric` as the cell's run measured it at its end
+    (summary.json's train_summary; for meta-RL's eval_* metrics that is on the held-out tasks,
+    as the baseline is), or None where the summary does not have it."""
+    summary = read_json(os.path.join(cell.path, "summary.json")).get("train_summary") or {}
+    name = {"eval_return": "episode_return"}.get(metric, metric.removeprefix("eval_"))
+    value = (summary.get("random_metrics") or {}).get(name)
+    if value is None and name == "episode_return":
+        value = summary.get("random_return")
+    return value
+
+
+def _applies(key: str, config: dict) -> bool:
+    """Whether a config field does anything in this run (theta_init only for SHM memories)."""
+    return key != "theta_init" or str(config.get("memory", "shm")).startswith("shm")
+
+
 def config_differences(cells: list[CellResult]) -> list[str]:
-    """Per cell, 'key=value, ...' of the config fields that are not the same in every cell."""
+    """Per cell, 'key=value, ...' of the config fields that are not the same in every cell
+    (among the cells where the field does anything)."""
     keys = sorted({k for c in cells for k in c.config} - NOT_A_DIFFERENCE)
-    varying = [k for k in keys if len({json.dumps(c.config.get(k)) for c in cells}) > 1]
-    return [", ".join(f"{k}={c.config[k]}" for k in varying if k in c.config) or "—" for c in cells]
+    used = {
+        k: [i for i, c in enumerate(cells) if k in c.config and _applies(k, c.config)] for k in keys
+    }
+    varying = [k for k in keys if len({json.dumps(cells[i].config[k]) for i in used[k]}) > 1]
+    return [
+        ", ".join(f"{k}={c.config[k]}" for k in varying if i in used[k]) or "—"
+        for i, c in enumerate(cells)
+    ]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -274,6 +318,17 @@ DEFINITIONS = (
 # ---------------------------------------------------------------------------------------------
 
 
+def plot_band(ax, curves: Curves, label: str | None = None, color=None) -> None:
+    """Mean ± std over seeds of `curves` against env steps per seed, on a matplotlib axis."""
+    with warnings.catch_warnings():  # all-NaN updates before the first episode ends
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(curves.returns, axis=1)
+        std = np.nanstd(curves.returns, axis=1)
+    x = curves.env_steps
+    line = ax.plot(x, mean, color=color, label=label)[0]
+    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
 def plot_curves(
     cells: list[CellResult],
     path: str,
@@ -299,13 +354,7 @@ def plot_curves(
         for c in cells:
             if c.env != env:
                 continue
-            with warnings.catch_warnings():  # all-NaN updates before the first episode ends
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = np.nanmean(c.curves.returns, axis=1)
-                std = np.nanstd(c.curves.returns, axis=1)
-            x = c.curves.env_steps
-            ax.plot(x, mean, color=colors[c.variant], label=f"{c.variant} ({c.num_seeds})")
-            ax.fill_between(x, mean - std, mean + std, color=colors[c.variant], alpha=0.2)
+            plot_band(ax, c.curves, f"{c.variant} ({c.num_seeds})", colors[c.variant])
         ax.set_title(env, fontsize=10)
         ax.set_xlabel("env steps (per seed)")
         ax.set_ylabel(ylabel)

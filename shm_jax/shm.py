@@ -63,6 +63,20 @@ def factored_read(theta, c, eta_v, k, q, resets, memory, chunk: int = DEFAULT_CH
     return Y.reshape(n * size, *Y.shape[2:])[:T], M_last
 
 
+def clamped_scan(C, U, resets, memory, clamp: float):
+    """Every M_t [T, *batch, H, H] of M_t = clip(C_t ⊙ M_{t-1} + U_t, -clamp, clamp), M_{t-1}
+    zeroed where resets [T, *batch] starts an episode; memory [*batch, H, H] is M_{-1}. The clip
+    breaks associativity, so this is a sequential scan (the layer's `clamp`)."""
+
+    def step(M, inputs):
+        c, u, r = inputs
+        M = jnp.where(r[..., None, None], 0.0, M)
+        M = jnp.clip(c * M + u, -clamp, clamp)
+        return M, M
+
+    return jax.lax.scan(step, memory, (C, U, resets))[1]
+
+
 class SHM(nn.Module):
     """Stable Hadamard Memory, time-major: `__call__(carry, x, resets, aux) -> (carry, y)`.
 
@@ -226,23 +240,23 @@ class SHM(nn.Module):
         if self.clamp is None:
             read, M_last = hadamard_read(C, U, q, resets=resets, memory=carry, method=method)
         else:
-
-            def step(M, inputs):
-                c, u, qt, r = inputs
-                M = jnp.where(r[..., None, None], 0.0, M)
-                M = jnp.clip(c * M + u, -self.clamp, self.clamp)
-                return M, jnp.einsum("...ij,...j->...i", M, qt)
-
-            M_last, read = jax.lax.scan(step, carry, (C, U, q, resets))
+            M_all = clamped_scan(C, U, resets, carry, self.clamp)
+            read, M_last = jnp.einsum("...ij,...j->...i", M_all, q), M_all[-1]
         return M_last, self.out_proj(read + shortcut)
 
     def memory_trace(self, carry, x, resets=None, aux=None):
-        """For inspection (notebooks): every M_t and C_t, each [T, B, H, H].
+        """For inspection (notebooks, `train.memory_trace`): the recurrence step by step.
 
-        Call with the layer's params: `layer.apply(params, carry, x, resets, aux,
-        method=SHM.memory_trace)`. C_t is the calibration used at step t (before a reset's
-        zeroing)."""
+        Takes `__call__`'s inputs and returns {"M", "C", "U"}, each [T, B, H, H]: C_t and U_t of
+        M_t = C_t ⊙ M_{t-1} + U_t, and M_t, the memory after step t with the resets applied as
+        `__call__` applies them (M_{t-1} is zeroed before a step that starts an episode), so
+        M[-1] is `__call__`'s returned carry. C_t is the calibration step t uses; a reset does not
+        change it (it zeroes M_{t-1}, not C_t). Call it with the layer's params:
+        `layer.apply(params, carry, x, resets, aux, method="memory_trace")`."""
         resets, aux = self._check_inputs(x, resets, aux)
         C, U, _, _ = self._factors(x, aux)
-        M_all, _ = hadamard_scan(C, U, resets=resets, memory=carry, method="sequential")
-        return {"M": M_all, "C": C}
+        if self.clamp is None:
+            M_all, _ = hadamard_scan(C, U, resets=resets, memory=carry, method="sequential")
+        else:
+            M_all = clamped_scan(C, U, resets, carry, self.clamp)
+        return {"M": M_all, "C": C, "U": U}

@@ -62,6 +62,27 @@ def test_final_and_mmer_match_hand_computation(tmp_path):
         report.truncate(curves, 63)
 
 
+def test_find_cells_says_what_is_missing_and_random_level(tmp_path):
+    """What the notebooks rely on: the cells that are there, a line for each that is not (no
+    metrics.csv, or no such column), and the random policy's level from summary.json."""
+    write_metrics(str(tmp_path / "Env" / "a" / "metrics.csv"), RETURNS)
+    write_metrics(str(tmp_path / "Env" / "b" / "metrics.csv"), RETURNS)
+    summary = {"train_summary": {"random_return": -0.5, "random_metrics": {"episode_success": 0.1}}}
+    with open(tmp_path / "Env" / "a" / "summary.json", "w") as f:
+        json.dump(summary, f)
+    cells, missing = report.find_cells(str(tmp_path), ["Env"], ["a", "b", "c"])
+    assert list(cells) == [("Env", "a"), ("Env", "b")] and cells["Env", "a"].num_seeds == 2
+    assert len(missing) == 1 and missing[0].startswith("Env/c: no metrics.csv")
+    _, missing = report.find_cells(str(tmp_path), ["Env"], ["a"], metric="episode_success")
+    assert "no column 'episode_success'" in missing[0]
+    assert report.random_level(cells["Env", "a"]) == -0.5
+    assert report.random_level(cells["Env", "a"], "episode_success") == 0.1
+    # meta-RL's held-out-task return: the random policy is evaluated on the held-out tasks
+    assert report.random_level(cells["Env", "a"], "eval_return") == -0.5
+    assert report.random_level(cells["Env", "a"], "entropy") is None
+    assert report.random_level(cells["Env", "b"]) is None  # no summary.json
+
+
 def test_generic_report_one_row_per_env_and_variant(tmp_path, capsys):
     root = tmp_path / "ablation"
     for variant, lr in (("base", 1e-3), ("low-lr", 1e-4)):
@@ -274,3 +295,73 @@ def test_one_real_tiny_cell_end_to_end(tmp_path, capsys):
     assert "| RepeatPreviousEasy | gru |" in capsys.readouterr().out
     assert (tmp_path / "results" / "report.md").exists()
     assert (tmp_path / "results" / "curves.png").exists()
+
+
+def test_suites_build_their_cells_with_the_settings_that_matter(tmp_path, capsys):
+    from experiments import suites
+
+    args = suites.parser().parse_args(
+        [
+            "run",
+            "credit_assignment",
+            "--envs",
+            "VisualMatch-500",
+            "KeyToDoor-250",
+            "--seeds",
+            "2",
+            "--results",
+            str(tmp_path / "r"),
+            "--runs",
+            str(tmp_path / "g"),
+        ]
+    )
+    cells = suites.build_cells("credit_assignment", args, [])
+    assert [c.name for c in cells] == [
+        f"{e}/{m}" for e in ("VisualMatch-500", "KeyToDoor-250") for m in ("shm", "gru", "lru")
+    ]
+    by_name = {c.name: c.config for c in cells}
+    # one rollout = one whole episode (15 + 500 + 10 and 10 + 250 + 3 steps)
+    assert {by_name[f"VisualMatch-500/{m}"].num_steps for m in ("shm", "gru")} == {525}
+    assert by_name["KeyToDoor-250/lru"].num_steps == 263
+    shm = by_name["VisualMatch-500/shm"]
+    assert (shm.memory_size, shm.theta_init, shm.num_seeds) == (24, "xavier", 2)
+    assert cells[0].results_dir == str(
+        tmp_path / "r" / "credit_assignment" / "VisualMatch-500" / "shm"
+    )
+    assert cells[0].config.out == str(
+        tmp_path / "g" / "credit_assignment" / "VisualMatch-500" / "shm"
+    )
+
+    meta = suites.build_cells("meta_rl", suites.parser().parse_args(["run", "meta_rl"]), [])
+    assert {c.config.preset for c in meta} == {"meta"} and meta[0].config.lr == 3e-4
+    sizes = suites.build_cells(
+        "memory_size", suites.parser().parse_args(["run", "memory_size"]), []
+    )
+    assert sorted({c.config.mem_size for c in sizes}) == [8, 16, 32, 64, 128]
+
+    for argv, words in (
+        (["run", "nope"], "unknown suite 'nope'"),
+        (["run", "calibration", "--envs", "RepeatFirstEasy"], "unknown env 'RepeatFirstEasy'"),
+        (["run", "calibration", "--", "--memory-size", "8"], "set by the suite"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            suites.main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+
+
+def test_differences_skip_fields_that_do_nothing_in_a_cell():
+    curves = report.Curves(np.arange(1, 3), np.zeros((2, 1)))
+    configs = [
+        dict(memory="shm", theta_init="xavier", lr=1e-3),
+        dict(memory="gru", theta_init="xavier_abs", lr=1e-3),  # theta_init: no effect on a GRU
+        dict(memory="shm_single", theta_init="xavier_abs", lr=3e-4),
+    ]
+    cells = [report.CellResult("E", str(i), "", c, curves, True) for i, c in enumerate(configs)]
+    assert report.config_differences(cells) == [
+        "lr=0.001, theta_init=xavier",
+        "lr=0.001",
+        "lr=0.0003, theta_init=xavier_abs",
+    ]
+    assert report.config_differences(cells[:2]) == ["—", "—"]

@@ -60,8 +60,9 @@ def test_resets_equal_separate_episodes(name, inputs):
     assert not np.allclose(np.asarray(y[:s]), np.asarray(y0[:s]))
 
 
-def numpy_shm(p, M, x, resets, aux, calibration):
-    """The spec's equations in float64 numpy, one step at a time."""
+def numpy_shm(p, M, x, resets, aux, calibration, record=None):
+    """The spec's equations in float64 numpy, one step at a time; `record`, if a dict of lists,
+    gets every step's C, U and M (after the step) appended."""
     f = lambda a: np.asarray(a, np.float64)
     Wk, Wq, Wv = (f(p[n]["kernel"]) for n in ("key_proj", "query_proj", "value_proj"))
     we, Ws, bs = f(p["eta_proj"]["kernel"]), f(p["shortcut"]["kernel"]), f(p["shortcut"]["bias"])
@@ -88,7 +89,11 @@ def numpy_shm(p, M, x, resets, aux, calibration):
             c = xh @ f(p["calib_proj"]["kernel"])
             C = 1 + np.tanh(theta[:, :, None] * c[:, None, :])
         M = np.where(np.asarray(resets[t])[:, None, None], 0.0, M)
-        M = C * M + eta[:, :, None] * v[:, :, None] * k[:, None, :]
+        U = eta[:, :, None] * v[:, :, None] * k[:, None, :]
+        M = C * M + U
+        if record is not None:
+            for name, value in (("C", C), ("U", U), ("M", M)):
+                record[name].append(np.broadcast_to(value, M.shape).copy())
         y = np.einsum("bij,bj->bi", M, q) + xh @ Ws + bs
         outs.append(y @ Wo + bo)
     return np.stack(outs), M
@@ -143,14 +148,38 @@ def test_clamp_bounds_the_memory(inputs):
     assert float(jnp.abs(M_free).max()) > 0.05
 
 
-def test_memory_trace_matches_the_layer(inputs):
+@pytest.mark.parametrize("calibration", ["shm", "none", "fixed", "single_theta"])
+def test_memory_trace_matches_numpy_loop_and_the_layer(calibration, inputs):
+    """Every step's C_t, U_t and M_t (resets applied, a random carried-in memory) against the
+    float64 numpy loop M_t = C_t ⊙ M_{t-1} + U_t; its last M_t is the layer's carry."""
     x, resets = inputs
-    module, params, carry, aux = build("shm", x, resets)
-    trace = module.apply(params, carry, x, resets, aux, method=SHM.memory_trace)
+    module = SHM(size=H, calibration=calibration)
+    aux = module.sample_aux(jax.random.PRNGKey(5), (T, B))
+    carry = jax.random.normal(jax.random.PRNGKey(6), (B, H, H))
+    params = module.init(jax.random.PRNGKey(7), carry, x, resets, aux)
+    trace = module.apply(params, carry, x, resets, aux, method="memory_trace")
+    record = {"C": [], "U": [], "M": []}
+    numpy_shm(params["params"], carry, x, resets, aux, calibration, record)
+    for name in ("C", "U", "M"):
+        assert trace[name].shape == (T, B, H, H)
+        ref = np.stack(record[name])
+        np.testing.assert_allclose(np.asarray(trace[name]), ref, rtol=1e-5, atol=1e-5, err_msg=name)
     M_last, _ = module.apply(params, carry, x, resets, aux)
-    assert trace["M"].shape == trace["C"].shape == (T, B, H, H)
+    np.testing.assert_allclose(np.asarray(trace["M"][-1]), np.asarray(M_last), rtol=1e-5, atol=1e-6)
+    if calibration == "shm":
+        assert float(trace["C"].min()) > 0 and float(trace["C"].max()) < 2
+
+
+def test_memory_trace_with_clamp_matches_the_layer(inputs):
+    x, resets = inputs
+    module = SHM(size=H, clamp=0.05)
+    aux = module.sample_aux(jax.random.PRNGKey(0), (T, B))
+    carry = module.initialize_carry((B,))
+    params = module.init(jax.random.PRNGKey(1), carry, 100 * x, resets, aux)
+    trace = module.apply(params, carry, 100 * x, resets, aux, method="memory_trace")
+    M_last, _ = module.apply(params, carry, 100 * x, resets, aux)
+    assert float(jnp.abs(trace["M"]).max()) <= 0.05 + 1e-7
     np.testing.assert_allclose(np.asarray(trace["M"][-1]), np.asarray(M_last), rtol=1e-6)
-    assert float(trace["C"].min()) > 0 and float(trace["C"].max()) < 2
 
 
 def test_registry_errors():

@@ -18,6 +18,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import run
@@ -293,3 +294,15 @@ def test_list_prints_env_ids_and_memories(capsys):
     out = capsys.readouterr().out
     for name in ("shm", "gru", "RepeatPreviousEasy", "VisualMatch-250", "MemoryChain-bsuite"):
         assert name in out
+
+
+def test_nonfinite_warning_names_the_update_seed_and_fix():
+    finite = {"grad_norm": np.ones((3, 2)), "value_loss": np.ones((3, 2))}
+    assert run.nonfinite_warning(TINY, 10, finite) is None
+    bad = {"grad_norm": np.ones((3, 2)), "value_loss": np.ones((3, 2))}
+    bad["value_loss"][1, 1] = np.nan
+    bad["grad_norm"][2, 0] = np.inf
+    line = run.nonfinite_warning(dataclasses.replace(TINY, theta_init="xavier_abs"), 10, bad)
+    assert "update 12, seed 1" in line and "--theta-init xavier" in line  # the first bad row
+    gru = run.nonfinite_warning(dataclasses.replace(TINY, memory="gru"), 0, bad)
+    assert "update 2, seed 1" in gru and "--theta-init" not in gru and "\n" not in gru

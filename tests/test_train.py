@@ -301,8 +301,11 @@ def test_subprocess_bad_memory_no_traceback():
 
 
 def test_two_device_sharded_run(tmp_path):
-    """Seeds sharded over 2 (forced host) devices: the run completes and logs both seeds."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    """Seeds sharded over 2 (forced host) devices: the run completes and logs both seeds. On
+    the CPU backend whatever the machine has (the flag makes 2 CPU devices, not 2 GPUs)."""
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
+    )
     out = tmp_path / "sharded"
     args = ["--env", "MemoryChain-bsuite", "--memory", "gru", "--memory-size", "16",
             "--hidden", "16", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",

@@ -1,0 +1,233 @@
+"""The paper's experiments beyond the POPGym table, as named suites of resumable grid cells
+(Le et al., ICLR 2025: Fig. 1 meta-RL, Fig. 2 credit assignment, Fig. 3a calibration, Fig. 3b
+memory size).
+
+    python -m experiments.suites list                                  # the suites and cells
+    python -m experiments.suites run credit_assignment [--seeds 3] [--total-timesteps N] \\
+        [--envs VisualMatch-250 ...] [--variants shm gru ...] [--jobs 2] [--dry-run]
+    python -m experiments.suites report credit_assignment              # report.md + curves.png
+
+`run` writes `results/<suite>/<env>/<variant>/{config.json, metrics.csv, summary.json}` (small,
+committed) and each cell's scratch run (checkpoints, params.msgpack, png) to
+`runs/grid/<suite>/<env>/<variant>/` (gitignored; the calibration notebook's cumulative-product
+analysis reloads trained agents from there). Rerun the same command to continue an interrupted
+suite: finished cells are skipped, an interrupted one continues from its checkpoint.
+
+Each suite fixes the settings that make its comparison meaningful (below, and in `SUITES`);
+`--total-timesteps` sets the budget (the default is the reduced CPU budget the committed
+results used; the paper's is in `paper_budget`).
+- credit_assignment: Visual Match and Key-to-Door at distractor lengths 250 and 500; SHM with
+  m = 24 (the authors' setting for these tasks) against GRU(128) and LRU(128). These episodes
+  have a fixed length, so each rollout is exactly one episode (`--num-steps` = episode length,
+  envs reset together): backpropagation through time spans the whole memory span the task
+  needs, from the colour / key seen in the first phase to the door chosen in the last.
+  Headline metric `episode_success` (the final phase paid its reward).
+- meta_rl: Wind and Point Robot on the 10-190 and 50-150 task splits, SHM vs GRU, with the
+  `meta` preset (stable PPO for continuous control); headline metric the return on the
+  held-out tasks (`eval_return`). The paper used SAC; this is PPO.
+- calibration: SHM against its calibration ablations (`shm_nocal`, `shm_fixed`,
+  `shm_single`) on RepeatPreviousEasy, the POPGym task on which our SHM learns on a CPU budget.
+- memory_size: SHM with H in {8, 16, 32, 64, 128} on AutoencodeEasy and BattleshipEasy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from experiments import grid, popgym, report
+
+RESULTS = "results"
+RUNS = "runs/grid"
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A grid: every env x every variant, each variant a dict of train.Config overrides; `base`
+    overrides apply to every cell first; `per_env(env) -> dict` adds env-dependent ones."""
+
+    envs: tuple[str, ...]
+    variants: dict[str, dict[str, Any]]
+    metric: str
+    total_timesteps: int
+    paper_budget: str
+    base: dict[str, Any] = dataclasses.field(default_factory=dict)
+    preset: str = "none"
+    per_env: Any = None  # Callable[[str], dict] | None
+
+
+def one_episode_rollouts(env: str) -> dict[str, Any]:
+    """Rollouts of exactly one episode: num_steps = the env's (fixed) episode length."""
+    import envs
+
+    _, params = envs.make(env)
+    return dict(num_steps=int(params.max_steps_in_episode))
+
+
+SUITES: dict[str, Suite] = {
+    "credit_assignment": Suite(
+        envs=("VisualMatch-250", "VisualMatch-500", "KeyToDoor-250", "KeyToDoor-500"),
+        variants={
+            "shm": dict(memory="shm", memory_size=24),
+            "gru": dict(memory="gru", memory_size=128),
+            "lru": dict(memory="lru", memory_size=128),
+        },
+        base=dict(num_envs=16, num_minibatches=4),
+        per_env=one_episode_rollouts,
+        metric="episode_success",
+        total_timesteps=1_000_000,
+        paper_budget="Memory-RL/pomdp-baselines SAC-discrete (the paper's Fig. 2)",
+    ),
+    "meta_rl": Suite(
+        envs=("Wind-10-190", "Wind-50-150", "PointRobot-10-190", "PointRobot-50-150"),
+        variants={"shm": dict(memory="shm"), "gru": dict(memory="gru")},
+        preset="meta",
+        metric="eval_return",
+        total_timesteps=1_000_000,
+        paper_budget="pomdp-baselines SAC, gamma 0.9 (the paper's Fig. 1)",
+    ),
+    "calibration": Suite(
+        envs=("RepeatPreviousEasy",),
+        variants={
+            **{m: dict(memory=m) for m in ("shm", "shm_nocal", "shm_fixed", "shm_single")},
+            "shm_abs": dict(memory="shm", theta_init="xavier_abs"),  # the |Xavier| start
+        },
+        metric="episode_return",
+        total_timesteps=1_000_000,
+        paper_budget="RLlib PPO, 15M steps (the paper's Fig. 3a)",
+    ),
+    "memory_size": Suite(
+        envs=("AutoencodeEasy", "BattleshipEasy"),
+        variants={f"shm_H{h}": dict(memory="shm", memory_size=h) for h in (8, 16, 32, 64, 128)},
+        metric="episode_return",
+        total_timesteps=500_000,
+        paper_budget="RLlib PPO, 15M steps (the paper's Fig. 3b)",
+    ),
+}
+# Flags the suite sets itself; passing them after `--` would be silently overridden.
+SUITE_FLAGS = popgym.GRID_FLAGS + ("--memory-size",)
+
+
+def build_cells(name: str, args, extra: list[str]) -> list[grid.Cell]:
+    """The suite's cells (optionally a subset), every input checked before anything runs."""
+    import train
+
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    suite = SUITES[name]
+    env_ids = args.envs or list(suite.envs)
+    variants = args.variants or list(suite.variants)
+    popgym.check_choice("env", env_ids, list(suite.envs))
+    popgym.check_choice("variant", variants, list(suite.variants))
+    for flag in extra:
+        if flag.split("=", 1)[0] in SUITE_FLAGS:
+            raise ValueError(
+                f"{flag} after '--' is set by the suite: use --envs, --variants, --seeds, "
+                "--total-timesteps, --runs"
+            )
+    if args.seeds < 1 or args.jobs < 1:
+        raise ValueError(f"--seeds ({args.seeds}) and --jobs ({args.jobs}) must be >= 1")
+    steps = args.total_timesteps or suite.total_timesteps
+    flags = ["--preset", suite.preset, "--total-timesteps", str(steps)]
+    base = dataclasses.replace(grid.lifecycle().parse_config(flags + extra), **suite.base)
+    cells = []
+    for env in dict.fromkeys(env_ids):
+        env_overrides = suite.per_env(env) if suite.per_env else {}
+        for variant in dict.fromkeys(variants):
+            cfg = dataclasses.replace(
+                base,
+                **env_overrides,
+                **suite.variants[variant],
+                env=env,
+                num_seeds=args.seeds,
+                out=os.path.join(args.runs, name, env, variant),
+                progress=False,
+            )
+            cells.append(
+                grid.Cell(env, variant, cfg, os.path.join(args.results, name, env, variant))
+            )
+    for cell in cells:  # every config error now, not hours into the suite
+        try:
+            train.validate(cell.config)
+            train.make_env_and_network(cell.config)
+        except ValueError as err:
+            raise ValueError(f"{cell.name}: {err}") from None
+    return cells
+
+
+def cmd_report(name: str, args) -> None:
+    suite = SUITES[name]
+    results = os.path.join(args.results, name)
+    metric = args.metric or suite.metric
+    argv = [results, "--metric", metric] + (["--budget", str(args.budget)] if args.budget else [])
+    report.main(argv)
+
+
+def cmd_list() -> None:
+    for name, suite in SUITES.items():
+        print(
+            f"{name}: {len(suite.envs)} envs x {len(suite.variants)} variants, "
+            f"{suite.total_timesteps:,} steps/seed by default, metric {suite.metric}, "
+            f"preset {suite.preset}\n  envs: {' '.join(suite.envs)}\n"
+            f"  variants: {' '.join(suite.variants)}\n  paper: {suite.paper_budget}"
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.suites",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the suites, their envs, variants and budgets")
+    r = sub.add_parser("run", help="run a suite (skips finished cells)")
+    r.add_argument("suite", help=f"one of {', '.join(SUITES)}")
+    r.add_argument("--envs", nargs="+", default=None, help="a subset of the suite's envs")
+    r.add_argument("--variants", nargs="+", default=None, help="a subset of its variants")
+    r.add_argument("--seeds", type=int, default=3, help="seeds per cell, in one program")
+    r.add_argument("--total-timesteps", type=int, default=None, help="env steps per seed")
+    r.add_argument("--jobs", type=int, default=1, help="cells at once, as separate processes")
+    r.add_argument("--results", default=RESULTS, help="results root (small files)")
+    r.add_argument("--runs", default=RUNS, help="scratch run root (gitignored)")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and their state")
+    rep = sub.add_parser("report", help="table and curves of a suite's cells")
+    rep.add_argument("suite", help=f"one of {', '.join(SUITES)}")
+    rep.add_argument("--results", default=RESULTS, help="results root")
+    rep.add_argument("--metric", default=None, help="metrics.csv column (default: the suite's)")
+    rep.add_argument("--budget", type=int, default=None, help="cut at this many env steps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = []
+    if "--" in argv:  # everything after `--` goes to train.py's parser
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    args = parser().parse_args(argv)
+    if args.command == "list":
+        cmd_list()
+        return
+    if args.suite not in SUITES:
+        print(
+            f"error: unknown suite {args.suite!r}; choose one of {', '.join(SUITES)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if args.command == "report":
+        cmd_report(args.suite, args)
+        return
+    try:
+        cells = build_cells(args.suite, args, extra)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    popgym.run_cells(cells, jobs=args.jobs, dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    main()
