@@ -306,12 +306,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def split_train_flags(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the command's own arguments, the train.py flags after `--`); argv None = sys.argv."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    extra = []
-    if "--" in argv:  # everything after `--` goes to train.py's parser
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv, extra = split_train_flags(argv)
     args = parser().parse_args(argv)
     if args.command == "run":
         cmd_run(args, extra)

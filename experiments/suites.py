@@ -203,11 +203,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra = []
-    if "--" in argv:  # everything after `--` goes to train.py's parser
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
+    argv, extra = popgym.split_train_flags(argv)  # train.py flags after `--`
     args = parser().parse_args(argv)
     if args.command == "list":
         cmd_list()
