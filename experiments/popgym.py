@@ -64,6 +64,18 @@ def check_choice(kind: str, values: list[str], valid: list[str]) -> None:
             raise ValueError(f"unknown {kind} {value!r}; choose from: {', '.join(valid)}")
 
 
+def check_run_args(args, extra: list[str], owned: tuple[str, ...], who: str, use: str) -> None:
+    """ValueError if a train.py flag after `--` is one the grid sets itself (`owned`), or if
+    --seeds / --jobs is below 1."""
+    for flag in extra:
+        if flag.split("=", 1)[0] in owned:
+            raise ValueError(
+                f"{flag} after '--' is set by {who}: use {use}, --total-timesteps, --runs"
+            )
+    if args.seeds < 1 or args.jobs < 1:
+        raise ValueError(f"--seeds ({args.seeds}) and --jobs ({args.jobs}) must be >= 1")
+
+
 def build_cells(args, extra: list[str]) -> list[grid.Cell]:
     """The grid's cells, every input checked before anything runs (ValueError in words)."""
     import envs
@@ -73,14 +85,7 @@ def build_cells(args, extra: list[str]) -> list[grid.Cell]:
     check_choice("env", args.envs, list(envs.registered))
     check_choice("memory", args.memories, list(shm_jax.memory_names))
     check_choice("preset", [args.preset], list(train.PRESETS))
-    for flag in extra:
-        if flag.split("=", 1)[0] in GRID_FLAGS:
-            raise ValueError(
-                f"{flag} after '--' is set by the grid: use --envs, --memories, --seeds, "
-                "--preset, --total-timesteps, --runs"
-            )
-    if args.seeds < 1 or args.jobs < 1:
-        raise ValueError(f"--seeds ({args.seeds}) and --jobs ({args.jobs}) must be >= 1")
+    check_run_args(args, extra, GRID_FLAGS, "the grid", "--envs, --memories, --seeds, --preset")
     flags = ["--preset", args.preset]
     if args.total_timesteps is not None:
         flags += ["--total-timesteps", str(args.total_timesteps)]

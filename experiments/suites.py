@@ -122,14 +122,7 @@ def build_cells(name: str, args, extra: list[str]) -> list[grid.Cell]:
     variants = args.variants or list(suite.variants)
     popgym.check_choice("env", env_ids, list(suite.envs))
     popgym.check_choice("variant", variants, list(suite.variants))
-    for flag in extra:
-        if flag.split("=", 1)[0] in SUITE_FLAGS:
-            raise ValueError(
-                f"{flag} after '--' is set by the suite: use --envs, --variants, --seeds, "
-                "--total-timesteps, --runs"
-            )
-    if args.seeds < 1 or args.jobs < 1:
-        raise ValueError(f"--seeds ({args.seeds}) and --jobs ({args.jobs}) must be >= 1")
+    popgym.check_run_args(args, extra, SUITE_FLAGS, "the suite", "--envs, --variants, --seeds")
     steps = args.total_timesteps or suite.total_timesteps
     flags = ["--preset", suite.preset, "--total-timesteps", str(steps)]
     base = dataclasses.replace(grid.lifecycle().parse_config(flags + extra), **suite.base)
