@@ -69,13 +69,21 @@ class Config:
     """Default agent: the memory's output width (SHM's output projection W_o; 0 = the memory
     size, as the layer defaults to)."""
     theta_init: Literal["xavier", "xavier_abs"] = "xavier"
-    """Default agent, SHM: initialisation of the calibration bank Θ (`shm_jax.SHM.theta_init`):
+    """SHM (either agent): initialisation of the calibration bank Θ (`shm_jax.SHM.theta_init`):
     xavier (the paper's Xavier-uniform) or xavier_abs (|Xavier-uniform|: every row starts with
     the same signs, so whether C_t forgets is set by the learned c_t, not by which random row was
     drawn). xavier_abs learns short POPGym tasks ~3x faster (RepeatPreviousEasy), but where c_t
     stays positive every C_t entry of a column exceeds 1, and on episodes of 100+ steps (Wind,
     Visual Match) the memory overflows float32 in the first update (README, "Why SHM learned
     slowly")."""
+    memory_method: Literal["auto", "sequential", "associative", "chunked", "pallas"] = "auto"
+    """SHM: how the layer computes the recurrence (`shm_jax.SHM.method`); the numbers are the
+    same, only speed and memory differ. auto = sequential on a CPU (hand-written backward),
+    chosen by the measured table in README "Performance" on a GPU; pallas = the fused GPU kernel
+    (`shm_jax.kernel.pallas_read`; interpreted, very slowly, on a CPU)."""
+    memory_unroll: int = 0
+    """GRU: time steps per iteration of its compiled scan (speed only). 0 = by backend: 16 on a
+    GPU (2.3x faster there), 1 on a CPU (where 16 is 2.4x slower): README "Performance"."""
     memory_size_auto: bool = False
     """Pick --memory-size from the env's level as the authors did (SHM: 128 Easy, 64 Medium,
     32 Hard; other memories 64, their script's GRU default). `--preset paper-popgym` sets it."""
@@ -252,6 +260,17 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             f"unknown memory {cfg.memory!r}; choose one of {', '.join(shm_jax.memory_names)}"
         )
+    if cfg.memory_method != "auto" and not cfg.memory.startswith("shm"):
+        raise ValueError(
+            f"--memory-method {cfg.memory_method} is for SHM memories; --memory {cfg.memory} has "
+            "one form (drop the flag)"
+        )
+    if cfg.memory_unroll != 0 and cfg.memory != "gru":
+        raise ValueError(
+            f"--memory-unroll is for --memory gru; {cfg.memory} takes no unroll (drop the flag)"
+        )
+    if cfg.memory_unroll < 0:
+        raise ValueError("--memory-unroll must be >= 1, or 0 for the backend's default")
     for name in ("memory_size", "hidden", "num_envs", "num_steps", "num_epochs"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -552,14 +571,18 @@ def make_env_and_network(cfg: Config) -> Setup:
     venv = vec_env_class()(env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
     pixel_dims = venv.pixel_dims  # 0..255 pixel values the network scales to [0, 1]
     is_shm = cfg.memory.startswith("shm")
+    extra = {"method": cfg.memory_method} if is_shm else {}
+    if cfg.memory == "gru":
+        extra["unroll"] = cfg.memory_unroll or None
+    if is_shm:
+        extra["theta_init"] = cfg.theta_init
     if cfg.agent == "paper":
         # The authors widen SHM's read-out to 1024; their GRU outputs its hidden state.
         memory = shm_jax.make_memory(
-            cfg.memory, size=cfg.mem_size, features=1024 if is_shm else None
+            cfg.memory, size=cfg.mem_size, features=1024 if is_shm else None, **extra
         )
         network = PaperAgent(memory, action_dim, continuous, pixel_dims, time_embedding=is_shm)
     else:
-        extra = {"theta_init": cfg.theta_init} if cfg.memory.startswith("shm") else {}
         memory = shm_jax.make_memory(
             cfg.memory, size=cfg.mem_size, features=cfg.memory_features or None, **extra
         )

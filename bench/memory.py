@@ -32,6 +32,7 @@ sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 
 import argparse
+import functools
 import os
 import platform
 import time
@@ -43,7 +44,7 @@ import numpy as np
 import shm_jax
 from shm_jax.kernel import fused_read, pallas_read
 from shm_jax.scan import choose_method, hadamard_read
-from shm_jax.shm import factored_read
+from shm_jax.shm import factored_read, layer_method
 
 SIZES = [(128, 64, 32), (1024, 8, 128), (1024, 64, 32)]
 METHODS = ["sequential", "associative", "chunked", "auto"]
@@ -61,20 +62,23 @@ def timeit(fn, args, repeats: int) -> float:
     return float(np.median(times))
 
 
-def peak_mib(jitted, args) -> float:
-    stats = jitted.lower(*args).compile().memory_analysis()
+def peak_mib(compiled) -> float:
+    stats = compiled.memory_analysis()
     if stats is None:
         return float("nan")
     total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
     return total / 2**20
 
 
-def measure(forward, args, repeats):
-    """(fwd steps/s, fwd+bwd steps/s, fwd+bwd peak MiB) of forward(*args) -> array [T, B, ...]."""
-    fwd = jax.jit(forward)
+def measure(forward, args, repeats, outputs=False):
+    """(fwd steps/s, fwd+bwd steps/s, fwd+bwd peak MiB) of forward(*args) -> array [T, B, ...];
+    with outputs=True also (forward's output, the gradients of its sum). Each program is
+    compiled once, ahead of time."""
+    fwd = jax.jit(forward).lower(*args).compile()
     loss = lambda *a: jnp.sum(forward(*a))
-    bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
-    return timeit(fwd, args, repeats), timeit(bwd, args, repeats), peak_mib(bwd, args)
+    bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
+    result = timeit(fwd, args, repeats), timeit(bwd, args, repeats), peak_mib(bwd)
+    return (result, (fwd(*args), bwd(*args))) if outputs else result
 
 
 def scan_row(T, B, H, method, key):
@@ -110,6 +114,42 @@ def layer_row(name, T, B, H, key, **kwargs):
         return module.apply(params, carry, x, resets, aux)[1]
 
     return measure(forward, (params, x), REPEATS)
+
+
+PALLAS_SWEEP = {  # (block_b, block_rows, chunk, num_warps) tried by --pallas-sweep
+    "small_batch": [(1, 8, 8, 2), (1, 16, 8, 4), (1, 32, 8, 4), (1, 16, 16, 4), (1, 64, 8, 8)],
+    "large_batch": [(1, 32, 8, 2), (1, 32, 8, 4), (2, 32, 8, 4), (4, 32, 8, 4), (1, 16, 8, 2)],
+}  # fmt: skip
+
+
+def pallas_sweep(sizes, key) -> None:
+    """fwd and fwd+bwd steps/s of `pallas_read` per kernel config, and its largest relative
+    difference from `fused_read` (values and gradients, float32), beside read/fused."""
+    print("| T, B, H | block_b, block_rows, chunk, warps | fwd steps/s | fwd+bwd steps/s "
+          "| fwd+bwd peak MiB | max rel diff vs fused |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|")
+    for T, B, H in sizes:
+        vectors = tuple(0.5 * jax.random.normal(key, (5, T, B, H)))
+        resets = jnp.zeros((T, B), bool).at[T // 2].set(True)
+        _, ref = measure(lambda *v: fused_read(*v, resets)[0], vectors, 1, outputs=True)
+        configs = PALLAS_SWEEP["small_batch" if B < 64 else "large_batch"]
+        for bB, bR, chunk, warps in configs:
+            read = functools.partial(
+                pallas_read, block_b=bB, block_rows=bR, chunk=chunk, num_warps=warps
+            )
+            try:
+                (fwd, bwd, peak), got = measure(
+                    lambda *v, read=read: read(*v, resets)[0], vectors, REPEATS, outputs=True
+                )
+                diff = max(
+                    float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+                    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)
+                )
+                print(f"| {T}, {B}, {H} | {bB}, {bR}, {chunk}, {warps} | {T * B / fwd:,.0f} "
+                      f"| {T * B / bwd:,.0f} | {peak:,.0f} | {diff:.1e} |", flush=True)  # fmt: skip
+            except Exception as err:  # a config the compiler rejects (e.g. out of registers)
+                msg = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+                print(f"| {T}, {B}, {H} | {bB}, {bR}, {chunk}, {warps} | failed: {msg} | | | |")
 
 
 def memorax_row(T, B, H, key):
@@ -149,6 +189,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
     parser.add_argument(
+        "--pallas-sweep",
+        action="store_true",
+        help="only time the Pallas kernel's configs against fused_read (GPU)",
+    )
+    parser.add_argument(
         "--size", action="append", metavar="T,B,H", help=f"size(s) to run (default {SIZES})"
     )
     args = parser.parse_args()
@@ -161,12 +206,18 @@ def main():
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), memorax {note}"
     )
     print()
+    key = jax.random.PRNGKey(0)
+    if args.pallas_sweep:
+        pallas_sweep(sizes, key)
+        return
     print("| T, B, H | what | fwd steps/s | fwd+bwd steps/s | fwd+bwd peak MiB |")
     print("|---|---|---:|---:|---:|")
-    key = jax.random.PRNGKey(0)
     gpu = jax.default_backend() == "gpu"
     for T, B, H in sizes:
-        auto = choose_method(T, B, H)
+        auto = {
+            "scan/auto": choose_method(T, B, H),
+            f"SHM({H})/auto": layer_method(T, B, H, fused=True),
+        }
         rows = []
         for method in METHODS:
             rows.append((f"scan/{method}", scan_row(T, B, H, method, key)))
@@ -182,7 +233,7 @@ def main():
         if peer:
             rows.append((f"memorax SHM({H})", memorax_row(T, B, H, key)))
         for what, (fwd, bwd, peak) in rows:
-            label = f"{what} (= {auto})" if what.endswith("/auto") else what
+            label = f"{what} (= {auto[what]})" if what in auto else what
             print(
                 f"| {T}, {B}, {H} | {label} | {T * B / fwd:,.0f} | {T * B / bwd:,.0f} "
                 f"| {peak:,.0f} |",
@@ -194,7 +245,7 @@ def main():
             print(
                 f"|  | {kind}: auto vs fastest fwd+bwd | | {fastest / auto_bwd:.2f}x of fastest | |"
             )
-        shm_best = min(dict(rows)[f"SHM({H})/{m}"][1] for m in METHODS)
+        shm_best = min(bwd for w, (_, bwd, _) in rows if w.startswith(f"SHM({H})/"))
         print(
             f"|  | SHM({H}) best vs GRU(256) fwd+bwd | | {dict(rows)['GRU(256)'][1] / shm_best:.2f}x | |"
         )

@@ -3,6 +3,9 @@
     python bench/train.py throughput        # env steps/s of SHM (H=32) vs GRU (256), same config
     python bench/train.py to-threshold      # env steps and wall time for SHM to reach 0.9 on
                                             # RepeatFirstEasy, 3 seeds
+    python bench/train.py paper shm:128:pallas:3 gru:256:16:3   # env steps/s of the paper's
+        # POPGym config (--preset paper-popgym), one row per memory:size:method-or-unroll:seeds
+        # (SHM: a --memory-method; GRU: a --memory-unroll), --updates updates each
 
 Compile time is measured apart (AOT: `jax.jit(train).lower(keys).compile()`), then the compiled
 run is timed to completion.
@@ -108,17 +111,57 @@ def to_threshold(args) -> None:
     print(environment())
 
 
+def paper(args) -> None:
+    """Env steps/s of `--preset paper-popgym` on RepeatPreviousEasy, per row spec."""
+    base = dataclasses.replace(
+        train.PRESETS["paper-popgym"],
+        env="RepeatPreviousEasy",
+        memory_size_auto=False,
+        matmul_precision=args.matmul_precision,
+        progress=False,
+    )
+    base = dataclasses.replace(base, total_timesteps=args.updates * base.steps_per_update)
+    print(f"Config: --preset paper-popgym, {base.env}, {base.num_envs} envs x {base.num_steps} "
+          f"steps, {base.num_epochs} epochs x {base.num_minibatches} minibatches, "
+          f"{args.updates} updates, matmul precision {base.matmul_precision}")  # fmt: skip
+    print()
+    print("| memory | size | method / unroll | seeds | compile (s) | run (s) | env steps/s |")
+    print("|---|---|---|---|---|---|---|")
+    for spec in args.rows:
+        try:
+            memory, size, how, seeds = spec.split(":")
+            size, seeds = int(size), int(seeds)
+        except ValueError:
+            raise SystemExit(f"row {spec!r}: write memory:size:method-or-unroll:seeds, "
+                             "e.g. shm:128:pallas:3 or gru:256:16:3") from None  # fmt: skip
+        knob = {"memory_unroll": int(how)} if memory == "gru" else {"memory_method": how}
+        cfg = dataclasses.replace(base, memory=memory, memory_size=size, num_seeds=seeds, **knob)
+        train.validate(cfg)
+        compile_s, run_s, _, _ = timed_run(cfg)
+        sps = cfg.num_updates * cfg.steps_per_update * seeds / run_s
+        print(f"| {memory} | {size} | {how} | {seeds} | {compile_s:.1f} | {run_s:.1f} "
+              f"| {sps:,.0f} |", flush=True)  # fmt: skip
+    print()
+    print(environment())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("mode", choices=["throughput", "to-threshold"])
+    parser.add_argument("mode", choices=["throughput", "to-threshold", "paper"])
+    parser.add_argument("rows", nargs="*", help="paper: memory:size:method-or-unroll:seeds")
+    parser.add_argument("--updates", type=int, default=2, help="paper: updates per row")
+    parser.add_argument(
+        "--matmul-precision", default="highest", choices=["highest", "high", "default"]
+    )
     parser.add_argument("--timesteps", type=int, default=None, help="env steps per run")
     parser.add_argument("--threshold", type=float, default=0.9)
     args = parser.parse_args()
     if args.timesteps is None:
         args.timesteps = 64 * 128 * 20 if args.mode == "throughput" else 2_000_000
-    {"throughput": throughput, "to-threshold": to_threshold}[args.mode](args)
+    modes = {"throughput": throughput, "to-threshold": to_threshold, "paper": paper}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

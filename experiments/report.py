@@ -260,8 +260,12 @@ def random_level(cell: CellResult, metric: str = METRIC) -> float | None:
 
 
 def _applies(key: str, config: dict) -> bool:
-    """Whether a config field does anything in this run (theta_init only for SHM memories)."""
-    return key != "theta_init" or str(config.get("memory", "shm")).startswith("shm")
+    """Whether a config field does anything in this run (theta_init and memory_method only for
+    SHM memories, memory_unroll only for the GRU)."""
+    memory = str(config.get("memory", "shm"))
+    if key in ("theta_init", "memory_method"):
+        return memory.startswith("shm")
+    return key != "memory_unroll" or memory == "gru"
 
 
 def config_differences(cells: list[CellResult]) -> list[str]:

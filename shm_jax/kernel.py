@@ -163,35 +163,61 @@ def fused_read(theta, c, eta_v, k, q, resets=None, memory=None, chunk: int = DEF
 
 # --- Pallas (GPU) -------------------------------------------------------------------------------
 #
-# One program owns a block of `block_b` sequences and keeps their H×H memories on chip for the
-# whole sequence: HBM sees only the [T, B, H] vectors, M_0, M_last and the chunk checkpoints. The
-# backward recomputes each chunk of `chunk` steps from its checkpoint with the chunk's states
+# The recurrence is row-separable: row i of M_t needs only row i of M_{t-1}, θ_t[i], η_t v_t[i]
+# and the whole c_t, k_t. So one program owns `block_rows` rows of the memories of `block_b`
+# sequences, [bB, bR, H], and keeps them on chip for the whole sequence: HBM sees only the
+# [T, B, H] vectors, M_0, M_last and the chunk checkpoints. The grid is (B / bB, H / bR), so
+# even a small batch of large memories fills the GPU with programs.
+#
+# The backward recomputes each chunk of `chunk` steps from its checkpoint with the chunk's states
 # held on chip (a Python-unrolled list, so no state goes through HBM), then runs the reverse
-# recurrence over the chunk. The backward's on-chip state per program is about
-# (chunk + 2)·block_b·H² numbers. Tested in interpret mode on CPU only: the defaults are guesses,
-# not measurements. H and block_b are padded / rounded to powers of two, which GPU (Triton)
-# block shapes need; the padding is exact (θ = c = e = k = q = 0 rows keep M's padding at 0).
+# recurrence over the chunk. dθ and dηv are row-local; dc, dk and dq are sums over all rows, so
+# each row block writes its partial sum, [H / bR, T, B, H], and XLA adds them up. The steps of a
+# chunk are unrolled in both kernels, so the loads of the next steps' vectors (which do not
+# depend on M) can be issued ahead of the arithmetic on M. H, bR and bB are rounded to powers of
+# two, which GPU (Triton) block shapes need; the padding is exact (θ = c = e = k = q = 0 keeps
+# the padded rows and columns of M at 0).
+
+
+def _power_of_two_at_most(n: int, cap: int) -> int:
+    return 1 << (max(1, min(n, cap)).bit_length() - 1)
+
 
 PALLAS_CHUNK = 8
 PALLAS_BLOCK_B = 1
+PALLAS_MIN_PROGRAMS = 264  # 2 per streaming multiprocessor of an H100 (132)
+
+
+def pallas_blocks(B: int, H: int, block_b: int = PALLAS_BLOCK_B) -> tuple[int, int, int]:
+    """The default (block_b, block_rows, num_warps) for B sequences of H×H memories: whole rows
+    (bR = H) when the batch alone gives enough programs, else fewer rows per program (down to 8)
+    until there are `PALLAS_MIN_PROGRAMS`; 2 warps for up to 1024 memory entries per program, 4
+    above. From the H100 sweep in README "Performance" (`bench/memory.py --pallas-sweep`)."""
+    bB = _power_of_two_at_most(block_b, B)
+    bR = 1 << (H - 1).bit_length()
+    while bR > 8 and -(-B // bB) * (1 << (H - 1).bit_length()) // bR < PALLAS_MIN_PROGRAMS:
+        bR //= 2
+    return bB, bR, 2 if bB * bR * (1 << (H - 1).bit_length()) <= 1024 else 4
+
+
+def _where_reset(r, M):
+    """M̃ = 0 where the step starts an episode (a select, so an inf M cannot make a NaN)."""
+    return jnp.where(r[:, None, None] != 0, jnp.zeros_like(M), M)
 
 
 def _pallas_fwd_kernel(theta, c, e, k, q, r, m0, y, m_last, starts, *, chunk, n):
-    """Refs: vectors [T, bB, H], r [T, bB] int32, m0 / m_last [bB, H, H], y [T, bB, H],
-    starts [n, bB, H, H] (the memory before each chunk)."""
+    """One program's refs: its rows θ, e, y [T, bB, bR]; c, k, q [T, bB, H]; r [T, bB] int32;
+    m0, m_last [bB, bR, H]; starts [n, bB, bR, H] (the memory before each chunk)."""
 
     def chunk_body(i, M):
         starts[i] = M
-
-        def step(j, M):
+        for j in range(chunk):
             t = i * chunk + j
-            M = jnp.where(r[t][:, None, None] != 0, jnp.zeros_like(M), M)
+            M = _where_reset(r[t], M)
             th = jnp.tanh(theta[t][:, :, None] * c[t][:, None, :])
             M = (1 + th) * M + e[t][:, :, None] * k[t][:, None, :]
             y[t] = jnp.sum(M * q[t][:, None, :], axis=-1)
-            return M
-
-        return jax.lax.fori_loop(0, chunk, step, M)
+        return M
 
     m_last[...] = jax.lax.fori_loop(0, n, chunk_body, m0[...])
 
@@ -199,7 +225,9 @@ def _pallas_fwd_kernel(theta, c, e, k, q, r, m0, y, m_last, starts, *, chunk, n)
 def _pallas_bwd_kernel(
     theta, c, e, k, q, r, starts, dy, dm_last, dtheta, dc, de, dk, dq, dm0, *, chunk, n
 ):
-    """The reverse recurrence of the module docstring, chunk by chunk from the last."""
+    """The reverse recurrence of the module docstring, chunk by chunk from the last. Row-local
+    outputs dθ, de [T, bB, bR] and dm0 [bB, bR, H]; partial sums over this program's rows
+    dc, dk, dq [T, bB, H]."""
 
     def chunk_body(ii, P):
         i = n - 1 - ii
@@ -207,88 +235,113 @@ def _pallas_bwd_kernel(
         M_prevs = []  # M̃_{t-1} for the chunk's steps, on chip
         for j in range(chunk):
             t = i * chunk + j
-            M = jnp.where(r[t][:, None, None] != 0, jnp.zeros_like(M), M)
+            M = _where_reset(r[t], M)
             M_prevs.append(M)
             M = (1 + jnp.tanh(theta[t][:, :, None] * c[t][:, None, :])) * M
             M = M + e[t][:, :, None] * k[t][:, None, :]
-            dq[t] = jnp.sum(M * dy[t][:, :, None], axis=-2)  # M_tᵀ dy_t
+            dq[t] = jnp.sum(M * dy[t][:, :, None], axis=-2)  # (M_tᵀ dy_t) over these rows
         for j in reversed(range(chunk)):
             t = i * chunk + j
-            M_prev = M_prevs[j]
             th = jnp.tanh(theta[t][:, :, None] * c[t][:, None, :])  # recomputed: less state
             G = dy[t][:, :, None] * q[t][:, None, :] + P
-            S = G * M_prev * (1 - th * th)
+            S = G * M_prevs[j] * (1 - th * th)
             dtheta[t] = jnp.sum(S * c[t][:, None, :], axis=-1)
             dc[t] = jnp.sum(S * theta[t][:, :, None], axis=-2)
             de[t] = jnp.sum(G * k[t][:, None, :], axis=-1)
             dk[t] = jnp.sum(G * e[t][:, :, None], axis=-2)
-            P = jnp.where(r[t][:, None, None] != 0, jnp.zeros_like(G), (1 + th) * G)
+            P = _where_reset(r[t], (1 + th) * G)
         return P
 
     dm0[...] = jax.lax.fori_loop(0, n, chunk_body, dm_last[...])
 
 
-def _pallas_specs(T, n, bB, H):
+def _pallas_call(kernel, out_shape, in_specs, out_specs, grid, cfg):
     from jax.experimental import pallas as pl
 
-    vec = pl.BlockSpec((T, bB, H), lambda b: (0, b, 0))
-    flags = pl.BlockSpec((T, bB), lambda b: (0, b))
-    mem = pl.BlockSpec((bB, H, H), lambda b: (b, 0, 0))
-    ckpt = pl.BlockSpec((n, bB, H, H), lambda b: (0, b, 0, 0))
-    return vec, flags, mem, ckpt
+    chunk, bB, bR, num_warps, interpret = cfg
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plt
+
+        params["compiler_params"] = plt.CompilerParams(num_warps=num_warps, num_stages=1)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=interpret,
+        **params,
+    )
 
 
-def _pallas_forward(theta, c, e, k, q, r, M0, chunk, bB, interpret):
-    """Flat inputs [T, B, H] (T a multiple of chunk, B of bB; r int32 [T, B]) -> (Y, M_last, starts)."""
+def _pallas_specs(T, n, H, bB, bR):
+    """BlockSpecs over the grid (batch block b, row block i)."""
     from jax.experimental import pallas as pl
 
+    squeezed = getattr(pl, "squeezed", None)
+    return dict(
+        rows=pl.BlockSpec((T, bB, bR), lambda b, i: (0, b, i)),
+        full=pl.BlockSpec((T, bB, H), lambda b, i: (0, b, 0)),
+        flags=pl.BlockSpec((T, bB), lambda b, i: (0, b)),
+        mem=pl.BlockSpec((bB, bR, H), lambda b, i: (b, i, 0)),
+        ckpt=pl.BlockSpec((n, bB, bR, H), lambda b, i: (0, b, i, 0)),
+        partial=pl.BlockSpec((squeezed, T, bB, H), lambda b, i: (i, 0, b, 0)),
+    )
+
+
+def _pallas_forward(theta, c, e, k, q, r, M0, cfg):
+    """Flat inputs [T, B, H] (T a multiple of chunk, B of bB, H of bR; r int32 [T, B]) ->
+    (Y, M_last, starts)."""
+    chunk, bB, bR = cfg[:3]
     T, B, H = theta.shape
     n = T // chunk
-    vec, flags, mem, ckpt = _pallas_specs(T, n, bB, H)
+    s = _pallas_specs(T, n, H, bB, bR)
     dt = theta.dtype
-    return pl.pallas_call(
+    return _pallas_call(
         functools.partial(_pallas_fwd_kernel, chunk=chunk, n=n),
         out_shape=(
             jax.ShapeDtypeStruct((T, B, H), dt),
             jax.ShapeDtypeStruct((B, H, H), dt),
             jax.ShapeDtypeStruct((n, B, H, H), dt),
         ),
-        grid=(B // bB,),
-        in_specs=[vec] * 5 + [flags, mem],
-        out_specs=(vec, mem, ckpt),
-        interpret=interpret,
+        in_specs=[s["rows"], s["full"], s["rows"], s["full"], s["full"], s["flags"], s["mem"]],
+        out_specs=(s["rows"], s["mem"], s["ckpt"]),
+        grid=(B // bB, H // bR),
+        cfg=cfg,
     )(theta, c, e, k, q, r, M0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _pallas(theta, c, e, k, q, r, M0, chunk, bB, interpret):
-    Y, M_last, _ = _pallas_forward(theta, c, e, k, q, r, M0, chunk, bB, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _pallas(theta, c, e, k, q, r, M0, cfg):
+    Y, M_last, _ = _pallas_forward(theta, c, e, k, q, r, M0, cfg)
     return Y, M_last
 
 
-def _pallas_vjp_fwd(theta, c, e, k, q, r, M0, chunk, bB, interpret):
-    Y, M_last, starts = _pallas_forward(theta, c, e, k, q, r, M0, chunk, bB, interpret)
+def _pallas_vjp_fwd(theta, c, e, k, q, r, M0, cfg):
+    Y, M_last, starts = _pallas_forward(theta, c, e, k, q, r, M0, cfg)
     return (Y, M_last), (theta, c, e, k, q, r, starts)
 
 
-def _pallas_vjp_bwd(chunk, bB, interpret, residuals, cotangents):
-    from jax.experimental import pallas as pl
-
+def _pallas_vjp_bwd(cfg, residuals, cotangents):
+    chunk, bB, bR = cfg[:3]
     theta, c, e, k, q, r, starts = residuals
     dY, dM_last = cotangents
     T, B, H = theta.shape
-    n = T // chunk
-    vec, flags, mem, ckpt = _pallas_specs(T, n, bB, H)
-    grads = pl.pallas_call(
+    n, nR = T // chunk, H // bR
+    s = _pallas_specs(T, n, H, bB, bR)
+    vec = jax.ShapeDtypeStruct((T, B, H), theta.dtype)
+    partial = jax.ShapeDtypeStruct((nR, T, B, H), theta.dtype)
+    dtheta, dc, de, dk, dq, dM0 = _pallas_call(
         functools.partial(_pallas_bwd_kernel, chunk=chunk, n=n),
-        out_shape=[jax.ShapeDtypeStruct((T, B, H), theta.dtype)] * 5
-        + [jax.ShapeDtypeStruct((B, H, H), theta.dtype)],
-        grid=(B // bB,),
-        in_specs=[vec] * 5 + [flags, ckpt, vec, mem],
-        out_specs=[vec] * 5 + [mem],
-        interpret=interpret,
+        out_shape=[vec, partial, vec, partial, partial, jax.ShapeDtypeStruct((B, H, H), vec.dtype)],
+        in_specs=[s["rows"], s["full"], s["rows"], s["full"], s["full"], s["flags"], s["ckpt"]]
+        + [s["rows"], s["mem"]],
+        out_specs=[s["rows"], s["partial"], s["rows"], s["partial"], s["partial"], s["mem"]],
+        grid=(B // bB, nR),
+        cfg=cfg,
     )(theta, c, e, k, q, r, starts, dY, dM_last)
-    return (*grads[:5], None, grads[5])
+    return dtheta, dc.sum(0), de, dk.sum(0), dq.sum(0), None, dM0
 
 
 _pallas.defvjp(_pallas_vjp_fwd, _pallas_vjp_bwd)
@@ -304,18 +357,28 @@ def pallas_read(
     memory=None,
     chunk: int = PALLAS_CHUNK,
     block_b: int = PALLAS_BLOCK_B,
+    block_rows: int | None = None,
+    num_warps: int | None = None,
     interpret: bool | None = None,
 ):
     """`fused_read` as a Pallas kernel (forward and backward), for the GPU.
 
     Args: as `fused_read`, plus
       chunk: steps between checkpoints; the backward holds one chunk's states on chip.
-      block_b: sequences per program (the batch is padded to a multiple).
+      block_b: sequences per program (the batch is padded to a multiple; rounded down to a power
+        of two).
+      block_rows: rows of each H×H memory per program (rounded down to a power of two, at most
+        H rounded up to one); None: `pallas_blocks`' choice. The grid is (B / block_b,
+        H / block_rows).
+      num_warps: Triton warps per program (GPU only); None: `pallas_blocks`' choice.
       interpret: run the kernels in Pallas' interpreter; None: on a CPU backend only.
 
     Returns:
       (Y [T, *batch, H], M_last [*batch, H, H]), the same numbers as `fused_read`.
     """
+    for name, value in (("chunk", chunk), ("block_b", block_b), ("block_rows", block_rows)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"pallas_read: {name} must be a positive int; got {value!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     T, H = theta.shape[0], theta.shape[-1]
@@ -326,8 +389,11 @@ def pallas_read(
     if memory is None:
         memory = jnp.zeros((*batch, H, H), theta.dtype)
     chunk = max(1, min(chunk, T))
-    bB = 1 << (max(1, min(block_b, B)).bit_length() - 1)  # a power of two, at most block_b
-    Tp, Bp, Hp = math.ceil(T / chunk) * chunk, math.ceil(B / bB) * bB, 1 << (H - 1).bit_length()
+    bB, auto_rows, auto_warps = pallas_blocks(B, H, block_b)
+    Hp = 1 << (H - 1).bit_length()
+    bR = auto_rows if block_rows is None else _power_of_two_at_most(block_rows, Hp)
+    num_warps = auto_warps if num_warps is None else num_warps
+    Tp, Bp = math.ceil(T / chunk) * chunk, math.ceil(B / bB) * bB
 
     def pad(a, n_h):
         """[T, *batch, H…] -> [Tp, Bp, Hp…] (n_h trailing H axes), padded with zeros: identity
@@ -338,5 +404,6 @@ def pallas_read(
     vectors = [pad(a, 1) for a in (theta, c, eta_v, k, q)]
     r = pad(resets.astype(jnp.int32), 0)  # int32: boolean refs are poorly supported by backends
     M0 = jnp.pad(memory.reshape(B, H, H), [(0, Bp - B), (0, Hp - H), (0, Hp - H)])
-    Y, M_last = _pallas(*vectors, r, M0, chunk, bB, interpret)
+    cfg = (chunk, bB, bR, int(num_warps), bool(interpret))
+    Y, M_last = _pallas(*vectors, r, M0, cfg)
     return Y[:T, :B, :H].reshape(T, *batch, H), M_last[:B, :H, :H].reshape(*batch, H, H)

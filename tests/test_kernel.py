@@ -151,13 +151,14 @@ def test_defaults_and_no_gradient_to_resets():
 
 
 @pytest.mark.parametrize(
-    "T, batch, H, chunk, block_b",
+    "T, batch, H, chunk, block_b, block_rows",
     [
-        (11, (3,), 3, 4, 2),  # ragged last chunk; batch and H padded (to 4 and 4)
-        (16, (2, 2), 8, 8, 4),  # two batch axes; the GPU-style sizes
+        (11, (3,), 3, 4, 2, 32),  # ragged last chunk; batch and H padded (to 4 and 4); 1 row block
+        (16, (2, 2), 8, 8, 4, 2),  # two batch axes; 4 row blocks whose dc, dk, dq partials add
+        (9, (3,), 6, 3, 1, 4),  # H padded to 8 in 2 row blocks, the second half padding
     ],
 )
-def test_pallas_matches_float64_references(T, batch, H, chunk, block_b):
+def test_pallas_matches_float64_references(T, batch, H, chunk, block_b, block_rows):
     rng = np.random.default_rng(T)
     vectors = [rng.normal(size=(T, *batch, H)) for _ in NAMES]
     resets = rng.random((T, *batch)) < 0.2
@@ -167,7 +168,9 @@ def test_pallas_matches_float64_references(T, batch, H, chunk, block_b):
     with jax.enable_x64(True):
         args = [jnp.asarray(a) for a in (*vectors, memory)]
         r, wYj, wMj = jnp.asarray(resets), jnp.asarray(wY), jnp.asarray(wM)
-        pallas = lambda *a, chunk: pallas_read(*a, chunk=chunk, block_b=block_b, interpret=True)
+        pallas = lambda *a, chunk: pallas_read(
+            *a, chunk=chunk, block_b=block_b, block_rows=block_rows, interpret=True
+        )
         grad = lambda read: jax.grad(loss_fn(read, r, wYj, wMj, chunk), tuple(range(6)))
 
         @jax.jit

@@ -213,6 +213,19 @@ def test_auto_rule():
     assert choose_method(2049, 64, 64, backend="gpu") == "chunked"
 
 
+def test_layer_auto_rule():
+    """The SHM layer's "auto": the Pallas kernel on a GPU where the fused form applies (θ
+    calibration, no clamp), else the scan's rule."""
+    from shm_jax.shm import layer_method
+
+    assert layer_method(1024, 8, 128, fused=True, backend="gpu") == "pallas"
+    assert layer_method(1, 64, 128, fused=True, backend="gpu") == "pallas"
+    assert layer_method(1024, 8, 128, fused=False, backend="gpu") == "associative"
+    assert layer_method(1024, 64, 128, fused=False, backend="gpu") == "chunked"
+    assert layer_method(1024, 8, 128, fused=True, backend="cpu") == "sequential"
+    assert layer_method(1024, 8, 128, fused=True, backend="tpu") == "associative"
+
+
 @pytest.mark.parametrize("method", ["sequential", "chunked"])
 def test_training_memory_is_bounded(method):
     """fwd+bwd at T=1024, B=8, H=128: rematerialised chunks keep the temporaries below one copy of
