@@ -116,16 +116,18 @@ def layer_row(name, T, B, H, key, **kwargs):
     return measure(forward, (params, x), REPEATS)
 
 
-PALLAS_SWEEP = {  # (block_b, block_rows, chunk, num_warps) tried by --pallas-sweep
-    "small_batch": [(1, 8, 8, 2), (1, 16, 8, 4), (1, 32, 8, 4), (1, 16, 16, 4), (1, 64, 8, 8)],
-    "large_batch": [(1, 32, 8, 2), (1, 32, 8, 4), (2, 32, 8, 4), (4, 32, 8, 4), (1, 16, 8, 2)],
+PALLAS_SWEEP = {  # (block_b, block_rows, chunk, num_warps, prefetch) tried by --pallas-sweep
+    "small_batch": [(1, 8, 8, 2, False), (1, 8, 8, 2, True), (1, 8, 16, 2, True),
+                    (1, 16, 8, 4, False), (1, 16, 8, 4, True), (1, 8, 4, 2, True)],
+    "large_batch": [(1, 32, 8, 4, False), (1, 32, 8, 4, True), (1, 32, 16, 4, True),
+                    (1, 32, 8, 2, True), (1, 16, 8, 2, True)],
 }  # fmt: skip
 
 
 def pallas_sweep(sizes, key) -> None:
     """fwd and fwd+bwd steps/s of `pallas_read` per kernel config, and its largest relative
     difference from `fused_read` (values and gradients, float32), beside read/fused."""
-    print("| T, B, H | block_b, block_rows, chunk, warps | fwd steps/s | fwd+bwd steps/s "
+    print("| T, B, H | block_b, block_rows, chunk, warps, prefetch | fwd steps/s | fwd+bwd steps/s "
           "| fwd+bwd peak MiB | max rel diff vs fused |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|")
     for T, B, H in sizes:
@@ -133,10 +135,16 @@ def pallas_sweep(sizes, key) -> None:
         resets = jnp.zeros((T, B), bool).at[T // 2].set(True)
         _, ref = measure(lambda *v: fused_read(*v, resets)[0], vectors, 1, outputs=True)
         configs = PALLAS_SWEEP["small_batch" if B < 64 else "large_batch"]
-        for bB, bR, chunk, warps in configs:
+        for bB, bR, chunk, warps, prefetch in configs:
             read = functools.partial(
-                pallas_read, block_b=bB, block_rows=bR, chunk=chunk, num_warps=warps
+                pallas_read,
+                block_b=bB,
+                block_rows=bR,
+                chunk=chunk,
+                num_warps=warps,
+                prefetch=prefetch,
             )
+            what = f"{bB}, {bR}, {chunk}, {warps}, {'yes' if prefetch else 'no'}"
             try:
                 (fwd, bwd, peak), got = measure(
                     lambda *v, read=read: read(*v, resets)[0], vectors, REPEATS, outputs=True
@@ -145,11 +153,11 @@ def pallas_sweep(sizes, key) -> None:
                     float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
                     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)
                 )
-                print(f"| {T}, {B}, {H} | {bB}, {bR}, {chunk}, {warps} | {T * B / fwd:,.0f} "
+                print(f"| {T}, {B}, {H} | {what} | {T * B / fwd:,.0f} "
                       f"| {T * B / bwd:,.0f} | {peak:,.0f} | {diff:.1e} |", flush=True)  # fmt: skip
             except Exception as err:  # a config the compiler rejects (e.g. out of registers)
                 msg = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-                print(f"| {T}, {B}, {H} | {bB}, {bR}, {chunk}, {warps} | failed: {msg} | | | |")
+                print(f"| {T}, {B}, {H} | {what} | failed: {msg} | | | |")
 
 
 def memorax_row(T, B, H, key):

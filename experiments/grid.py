@@ -136,7 +136,9 @@ def lifecycle():
         import run
 
         return run
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if err.name != "run":  # run.py exists but one of its imports is missing: say so
+            raise
         import train
 
         return train

@@ -205,25 +205,51 @@ def _where_reset(r, M):
     return jnp.where(r[:, None, None] != 0, jnp.zeros_like(M), M)
 
 
-def _pallas_fwd_kernel(theta, c, e, k, q, r, m0, y, m_last, starts, *, chunk, n):
+def _chunk_loads(refs, ts, prefetch):
+    """Per step t in ts, the loaded refs[...][t]: all at once up front (prefetch: the chunk's
+    loads are issued before any of its arithmetic and stores, so they wait on memory once), or
+    lazily at the point of use (each step's loads wait behind the previous step's stores, which
+    the compiler cannot move them past)."""
+    if prefetch:
+        loaded = [tuple(ref[t] for ref in refs) for t in ts]
+        return lambda j: loaded[j]
+    return lambda j: tuple(ref[ts[j]] for ref in refs)
+
+
+def _store_all(stores, prefetch):
+    """Write deferred (ref, t, value) stores: at the end of the chunk when prefetching."""
+    if prefetch:
+        for ref, t, value in stores:
+            ref[t] = value
+
+
+def _pallas_fwd_kernel(theta, c, e, k, q, r, m0, y, m_last, starts, *, chunk, n, prefetch):
     """One program's refs: its rows θ, e, y [T, bB, bR]; c, k, q [T, bB, H]; r [T, bB] int32;
     m0, m_last [bB, bR, H]; starts [n, bB, bR, H] (the memory before each chunk)."""
 
     def chunk_body(i, M):
         starts[i] = M
-        for j in range(chunk):
-            t = i * chunk + j
-            M = _where_reset(r[t], M)
-            th = jnp.tanh(theta[t][:, :, None] * c[t][:, None, :])
-            M = (1 + th) * M + e[t][:, :, None] * k[t][:, None, :]
-            y[t] = jnp.sum(M * q[t][:, None, :], axis=-1)
+        ts = [i * chunk + j for j in range(chunk)]
+        load = _chunk_loads((r, theta, c, e, k, q), ts, prefetch)
+        stores = []
+        for j, t in enumerate(ts):
+            r_t, theta_t, c_t, e_t, k_t, q_t = load(j)
+            M = _where_reset(r_t, M)
+            th = jnp.tanh(theta_t[:, :, None] * c_t[:, None, :])
+            M = (1 + th) * M + e_t[:, :, None] * k_t[:, None, :]
+            y_t = jnp.sum(M * q_t[:, None, :], axis=-1)
+            if prefetch:
+                stores.append((y, t, y_t))
+            else:
+                y[t] = y_t
+        _store_all(stores, prefetch)
         return M
 
     m_last[...] = jax.lax.fori_loop(0, n, chunk_body, m0[...])
 
 
 def _pallas_bwd_kernel(
-    theta, c, e, k, q, r, starts, dy, dm_last, dtheta, dc, de, dk, dq, dm0, *, chunk, n
+    theta, c, e, k, q, r, starts, dy, dm_last, dtheta, dc, de, dk, dq, dm0, *, chunk, n, prefetch
 ):
     """The reverse recurrence of the module docstring, chunk by chunk from the last. Row-local
     outputs dθ, de [T, bB, bR] and dm0 [bB, bR, H]; partial sums over this program's rows
@@ -231,25 +257,37 @@ def _pallas_bwd_kernel(
 
     def chunk_body(ii, P):
         i = n - 1 - ii
+        ts = [i * chunk + j for j in range(chunk)]
+        load = _chunk_loads((r, theta, c, e, k, q, dy), ts, prefetch)
+        stores = []
+
+        def store(ref, t, value):
+            if prefetch:
+                stores.append((ref, t, value))
+            else:
+                ref[t] = value
+
         M = starts[i]
         M_prevs = []  # M̃_{t-1} for the chunk's steps, on chip
-        for j in range(chunk):
-            t = i * chunk + j
-            M = _where_reset(r[t], M)
+        for j, t in enumerate(ts):
+            r_t, theta_t, c_t, e_t, k_t, _, dy_t = load(j)
+            M = _where_reset(r_t, M)
             M_prevs.append(M)
-            M = (1 + jnp.tanh(theta[t][:, :, None] * c[t][:, None, :])) * M
-            M = M + e[t][:, :, None] * k[t][:, None, :]
-            dq[t] = jnp.sum(M * dy[t][:, :, None], axis=-2)  # (M_tᵀ dy_t) over these rows
+            M = (1 + jnp.tanh(theta_t[:, :, None] * c_t[:, None, :])) * M
+            M = M + e_t[:, :, None] * k_t[:, None, :]
+            store(dq, t, jnp.sum(M * dy_t[:, :, None], axis=-2))  # (M_tᵀ dy_t) over these rows
         for j in reversed(range(chunk)):
-            t = i * chunk + j
-            th = jnp.tanh(theta[t][:, :, None] * c[t][:, None, :])  # recomputed: less state
-            G = dy[t][:, :, None] * q[t][:, None, :] + P
+            t = ts[j]
+            r_t, theta_t, c_t, e_t, k_t, q_t, dy_t = load(j)
+            th = jnp.tanh(theta_t[:, :, None] * c_t[:, None, :])  # recomputed: less state
+            G = dy_t[:, :, None] * q_t[:, None, :] + P
             S = G * M_prevs[j] * (1 - th * th)
-            dtheta[t] = jnp.sum(S * c[t][:, None, :], axis=-1)
-            dc[t] = jnp.sum(S * theta[t][:, :, None], axis=-2)
-            de[t] = jnp.sum(G * k[t][:, None, :], axis=-1)
-            dk[t] = jnp.sum(G * e[t][:, :, None], axis=-2)
-            P = _where_reset(r[t], (1 + th) * G)
+            store(dtheta, t, jnp.sum(S * c_t[:, None, :], axis=-1))
+            store(dc, t, jnp.sum(S * theta_t[:, :, None], axis=-2))
+            store(de, t, jnp.sum(G * k_t[:, None, :], axis=-1))
+            store(dk, t, jnp.sum(G * e_t[:, :, None], axis=-2))
+            P = _where_reset(r_t, (1 + th) * G)
+        _store_all(stores, prefetch)
         return P
 
     dm0[...] = jax.lax.fori_loop(0, n, chunk_body, dm_last[...])
@@ -258,7 +296,7 @@ def _pallas_bwd_kernel(
 def _pallas_call(kernel, out_shape, in_specs, out_specs, grid, cfg):
     from jax.experimental import pallas as pl
 
-    chunk, bB, bR, num_warps, interpret = cfg
+    chunk, bB, bR, num_warps, interpret, _ = cfg
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plt
@@ -299,7 +337,7 @@ def _pallas_forward(theta, c, e, k, q, r, M0, cfg):
     s = _pallas_specs(T, n, H, bB, bR)
     dt = theta.dtype
     return _pallas_call(
-        functools.partial(_pallas_fwd_kernel, chunk=chunk, n=n),
+        functools.partial(_pallas_fwd_kernel, chunk=chunk, n=n, prefetch=cfg[5]),
         out_shape=(
             jax.ShapeDtypeStruct((T, B, H), dt),
             jax.ShapeDtypeStruct((B, H, H), dt),
@@ -333,7 +371,7 @@ def _pallas_vjp_bwd(cfg, residuals, cotangents):
     vec = jax.ShapeDtypeStruct((T, B, H), theta.dtype)
     partial = jax.ShapeDtypeStruct((nR, T, B, H), theta.dtype)
     dtheta, dc, de, dk, dq, dM0 = _pallas_call(
-        functools.partial(_pallas_bwd_kernel, chunk=chunk, n=n),
+        functools.partial(_pallas_bwd_kernel, chunk=chunk, n=n, prefetch=cfg[5]),
         out_shape=[vec, partial, vec, partial, partial, jax.ShapeDtypeStruct((B, H, H), vec.dtype)],
         in_specs=[s["rows"], s["full"], s["rows"], s["full"], s["full"], s["flags"], s["ckpt"]]
         + [s["rows"], s["mem"]],
@@ -359,6 +397,7 @@ def pallas_read(
     block_b: int = PALLAS_BLOCK_B,
     block_rows: int | None = None,
     num_warps: int | None = None,
+    prefetch: bool = False,
     interpret: bool | None = None,
 ):
     """`fused_read` as a Pallas kernel (forward and backward), for the GPU.
@@ -371,12 +410,16 @@ def pallas_read(
         H rounded up to one); None: `pallas_blocks`' choice. The grid is (B / block_b,
         H / block_rows).
       num_warps: Triton warps per program (GPU only); None: `pallas_blocks`' choice.
+      prefetch: load each chunk's vectors before its arithmetic and store its outputs after it
+        (same numbers). Not yet timed on a GPU, so off by default: `bench/memory.py
+        --pallas-sweep` measures it.
       interpret: run the kernels in Pallas' interpreter; None: on a CPU backend only.
 
     Returns:
       (Y [T, *batch, H], M_last [*batch, H, H]), the same numbers as `fused_read`.
     """
-    for name, value in (("chunk", chunk), ("block_b", block_b), ("block_rows", block_rows)):
+    sizes = (("chunk", chunk), ("block_b", block_b), ("block_rows", block_rows))
+    for name, value in (*sizes, ("num_warps", num_warps)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"pallas_read: {name} must be a positive int; got {value!r}")
     if interpret is None:
@@ -404,6 +447,6 @@ def pallas_read(
     vectors = [pad(a, 1) for a in (theta, c, eta_v, k, q)]
     r = pad(resets.astype(jnp.int32), 0)  # int32: boolean refs are poorly supported by backends
     M0 = jnp.pad(memory.reshape(B, H, H), [(0, Bp - B), (0, Hp - H), (0, Hp - H)])
-    cfg = (chunk, bB, bR, int(num_warps), bool(interpret))
+    cfg = (chunk, bB, bR, int(num_warps), bool(interpret), bool(prefetch))
     Y, M_last = _pallas(*vectors, r, M0, cfg)
     return Y[:T, :B, :H].reshape(T, *batch, H), M_last[:B, :H, :H].reshape(*batch, H, H)

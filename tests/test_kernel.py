@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shm_jax.kernel import fused_read, pallas_read
+from shm_jax.kernel import PALLAS_MIN_PROGRAMS, fused_read, pallas_blocks, pallas_read
 from shm_jax.shm import factored_read
 
 NAMES = ("theta", "c", "eta_v", "k", "q")
@@ -151,14 +151,15 @@ def test_defaults_and_no_gradient_to_resets():
 
 
 @pytest.mark.parametrize(
-    "T, batch, H, chunk, block_b, block_rows",
+    "T, batch, H, chunk, block_b, block_rows, prefetch",
     [
-        (11, (3,), 3, 4, 2, 32),  # ragged last chunk; batch and H padded (to 4 and 4); 1 row block
-        (16, (2, 2), 8, 8, 4, 2),  # two batch axes; 4 row blocks whose dc, dk, dq partials add
-        (9, (3,), 6, 3, 1, 4),  # H padded to 8 in 2 row blocks, the second half padding
+        (11, (3,), 3, 4, 2, 32, False),  # ragged last chunk; batch, H padded to 4; 1 row block
+        (16, (2, 2), 8, 8, 4, 2, False),  # two batch axes; 4 row blocks whose partials add
+        (16, (2, 2), 8, 8, 4, 2, True),  # the same, loads before the chunk's work, stores after
+        (9, (3,), 6, 3, 1, 4, True),  # H padded to 8 in 2 row blocks, the second half padding
     ],
 )
-def test_pallas_matches_float64_references(T, batch, H, chunk, block_b, block_rows):
+def test_pallas_matches_float64_references(T, batch, H, chunk, block_b, block_rows, prefetch):
     rng = np.random.default_rng(T)
     vectors = [rng.normal(size=(T, *batch, H)) for _ in NAMES]
     resets = rng.random((T, *batch)) < 0.2
@@ -169,7 +170,12 @@ def test_pallas_matches_float64_references(T, batch, H, chunk, block_b, block_ro
         args = [jnp.asarray(a) for a in (*vectors, memory)]
         r, wYj, wMj = jnp.asarray(resets), jnp.asarray(wY), jnp.asarray(wM)
         pallas = lambda *a, chunk: pallas_read(
-            *a, chunk=chunk, block_b=block_b, block_rows=block_rows, interpret=True
+            *a,
+            chunk=chunk,
+            block_b=block_b,
+            block_rows=block_rows,
+            prefetch=prefetch,
+            interpret=True,
         )
         grad = lambda read: jax.grad(loss_fn(read, r, wYj, wMj, chunk), tuple(range(6)))
 
@@ -187,6 +193,23 @@ def test_pallas_matches_float64_references(T, batch, H, chunk, block_b, block_ro
     for name, g, g_ref in zip((*NAMES, "memory"), grads, ref_grads, strict=True):
         assert g.shape == g_ref.shape, name
         assert rel_err(g, g_ref) < 1e-9, name
+
+
+def test_pallas_default_blocks():
+    """Whole rows when the batch gives enough programs; else halve the rows (not below 8) until
+    it does; 2 warps for up to 1024 memory entries per program. Matches the H100 sweep's best
+    configs: (1024, 8, 128) -> 8 rows, 2 warps; (1024, 512, 32) -> 32 rows."""
+    assert pallas_blocks(8, 128) == (1, 8, 2)
+    assert pallas_blocks(512, 32) == (1, 32, 2)
+    assert pallas_blocks(64, 128) == (1, 16, 4)
+    assert pallas_blocks(3, 24) == (1, 8, 2)  # H padded to 32
+    for B, H in [(1, 8), (8, 128), (64, 32), (100, 64), (512, 256)]:
+        bB, bR, _ = pallas_blocks(B, H)
+        Hp = 1 << (H - 1).bit_length()
+        assert Hp % bR == 0 and bR >= min(8, Hp)
+        assert B // bB * Hp // bR >= PALLAS_MIN_PROGRAMS or bR == min(8, Hp)
+    with pytest.raises(ValueError, match="num_warps must be a positive int"):
+        pallas_read(*[jnp.zeros((2, 1, 4))] * 5, num_warps=0)
 
 
 @pytest.mark.parametrize("read", [fused_read, pallas_read], ids=["fused", "pallas"])
