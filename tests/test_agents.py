@@ -157,6 +157,21 @@ def test_paper_agent_shapes_shm_and_gru():
     assert gru_shapes["postprocessor"]["Dense_0"]["kernel"] == (8, 64)
 
 
+@pytest.mark.parametrize("agent", ["default", "paper"])
+def test_memory_flags_reach_the_memory_in_both_agents(agent):
+    """--theta-init and --memory-method configure SHM, --memory-unroll the GRU, in either agent
+    (0 = the backend's choice: None on the module)."""
+    base = dataclasses.replace(TINY_PAPER, agent=agent)
+    shm = train.make_env_and_network(
+        dataclasses.replace(base, theta_init="xavier_abs", memory_method="chunked")
+    ).memory
+    assert (shm.theta_init, shm.method) == ("xavier_abs", "chunked")
+    assert train.make_env_and_network(base).memory.method == "auto"
+    gru = lambda **kw: train.make_env_and_network(dataclasses.replace(base, memory="gru", **kw))
+    assert gru(memory_unroll=16).memory.unroll == 16
+    assert gru().memory.unroll is None
+
+
 def test_paper_agent_init_scales():
     """Last layers N(0, 0.01^2); other weights orthogonal (gain 1); torch's uniform bias."""
     setup = train.make_env_and_network(dataclasses.replace(TINY_PAPER, memory="gru"))
