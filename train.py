@@ -97,6 +97,11 @@ class Config:
     """Default agent: width of a sinusoidal encoding of the step index inside the episode,
     appended to every memory's input alike (0 = off). Without it SHM cannot tell how far back a
     write was (README, "Why SHM learned slowly"). The paper agent uses its own 128-wide one."""
+    paper_time_embedding: Literal["blend", "append", "off"] = "blend"
+    """Paper agent, SHM: how the step index reaches the memory. blend = the authors'
+    x <- (1 - s)·x + s·pe[t] over the 128 features (s learned, from 0.5); append = our default
+    agent's way, a 16-wide encoding appended to the features; off = none. An ablation knob
+    (README, "The authors' agent under our PPO")."""
     head: Literal["auto", "categorical", "gaussian"] = "auto"
     """Action head; auto = categorical for Discrete, diagonal Gaussian for Box action spaces."""
     log_std_init: float = 0.0
@@ -426,16 +431,18 @@ class PaperAgent(AgentBase):
     action_dim: int = 1
     continuous: bool = False
     pixel_dims: int = 0
-    time_embedding: bool = True
+    time_embedding: str = "blend"  # "blend" (the authors'), "append" (16 wide) or "off"
 
     @nn.compact
     def __call__(self, carry, obs, resets, aux):
         mem_carry, t, x = agent_inputs(carry, obs, resets, self.pixel_dims)
         x = TorchDense(128, name="feature_map")(x)
         x = nn.LayerNorm(use_scale=False, use_bias=False)(x)
-        if self.time_embedding:
+        if self.time_embedding == "blend":
             s = self.param("time_strength", nn.initializers.constant(0.5), ())
             x = (1.0 - s) * x + s * time_encoding(t, 128)
+        elif self.time_embedding == "append":
+            x = jnp.concatenate([x, time_encoding(t, 16)], axis=-1)
         x = nn.relu(TorchDense(64, name="preprocessor")(x))
         mem_carry, y = self.memory(mem_carry, x, resets, aux)
         y = nn.relu(TorchDense(64, name="postprocessor")(y))
@@ -581,7 +588,8 @@ def make_env_and_network(cfg: Config) -> Setup:
         memory = shm_jax.make_memory(
             cfg.memory, size=cfg.mem_size, features=1024 if is_shm else None, **extra
         )
-        network = PaperAgent(memory, action_dim, continuous, pixel_dims, time_embedding=is_shm)
+        time = cfg.paper_time_embedding if is_shm else "off"  # the authors' GRU has none
+        network = PaperAgent(memory, action_dim, continuous, pixel_dims, time_embedding=time)
     else:
         memory = shm_jax.make_memory(
             cfg.memory, size=cfg.mem_size, features=cfg.memory_features or None, **extra

@@ -157,6 +157,20 @@ def test_paper_agent_shapes_shm_and_gru():
     assert gru_shapes["postprocessor"]["Dense_0"]["kernel"] == (8, 64)
 
 
+def test_paper_time_embedding_variants():
+    """--paper-time-embedding: blend (the authors', a learned strength), append (16 more inputs
+    to the preprocessor), off (neither)."""
+    shapes = {
+        te: param_shapes(dataclasses.replace(TINY_PAPER, paper_time_embedding=te))[0]
+        for te in ("blend", "append", "off")
+    }
+    assert shapes["blend"]["preprocessor"]["Dense_0"]["kernel"] == (128, 64)
+    assert shapes["append"]["preprocessor"]["Dense_0"]["kernel"] == (144, 64)
+    assert shapes["off"]["preprocessor"]["Dense_0"]["kernel"] == (128, 64)
+    assert "time_strength" in shapes["blend"]
+    assert "time_strength" not in shapes["append"] and "time_strength" not in shapes["off"]
+
+
 @pytest.mark.parametrize("agent", ["default", "paper"])
 def test_memory_flags_reach_the_memory_in_both_agents(agent):
     """--theta-init and --memory-method configure SHM, --memory-unroll the GRU, in either agent
