@@ -578,11 +578,9 @@ def make_env_and_network(cfg: Config) -> Setup:
     venv = vec_env_class()(env, env_params, cfg.num_envs, prev_action=cfg.prev_action)
     pixel_dims = venv.pixel_dims  # 0..255 pixel values the network scales to [0, 1]
     is_shm = cfg.memory.startswith("shm")
-    extra = {"method": cfg.memory_method} if is_shm else {}
+    extra = {"method": cfg.memory_method, "theta_init": cfg.theta_init} if is_shm else {}
     if cfg.memory == "gru":
         extra["unroll"] = cfg.memory_unroll or None
-    if is_shm:
-        extra["theta_init"] = cfg.theta_init
     if cfg.agent == "paper":
         # The authors widen SHM's read-out to 1024; their GRU outputs its hidden state.
         memory = shm_jax.make_memory(

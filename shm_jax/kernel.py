@@ -194,10 +194,10 @@ def pallas_blocks(B: int, H: int, block_b: int = PALLAS_BLOCK_B) -> tuple[int, i
     until there are `PALLAS_MIN_PROGRAMS`; 2 warps for up to 1024 memory entries per program, 4
     above. From the H100 sweep in README "Performance" (`bench/memory.py --pallas-sweep`)."""
     bB = _power_of_two_at_most(block_b, B)
-    bR = 1 << (H - 1).bit_length()
-    while bR > 8 and -(-B // bB) * (1 << (H - 1).bit_length()) // bR < PALLAS_MIN_PROGRAMS:
+    Hp = bR = 1 << (H - 1).bit_length()
+    while bR > 8 and -(-B // bB) * Hp // bR < PALLAS_MIN_PROGRAMS:
         bR //= 2
-    return bB, bR, 2 if bB * bR * (1 << (H - 1).bit_length()) <= 1024 else 4
+    return bB, bR, 2 if bB * bR * Hp <= 1024 else 4
 
 
 def _where_reset(r, M):
@@ -216,11 +216,22 @@ def _chunk_loads(refs, ts, prefetch):
     return lambda j: tuple(ref[ts[j]] for ref in refs)
 
 
-def _store_all(stores, prefetch):
-    """Write deferred (ref, t, value) stores: at the end of the chunk when prefetching."""
-    if prefetch:
-        for ref, t, value in stores:
+def _chunk_stores(prefetch):
+    """(store, flush): store(ref, t, value) writes ref[t] = value at once, or (prefetch) holds it
+    until flush() at the end of the chunk, after all of the chunk's arithmetic."""
+    held = []
+
+    def store(ref, t, value):
+        if prefetch:
+            held.append((ref, t, value))
+        else:
             ref[t] = value
+
+    def flush():
+        for ref, t, value in held:
+            ref[t] = value
+
+    return store, flush
 
 
 def _pallas_fwd_kernel(theta, c, e, k, q, r, m0, y, m_last, starts, *, chunk, n, prefetch):
@@ -231,18 +242,14 @@ def _pallas_fwd_kernel(theta, c, e, k, q, r, m0, y, m_last, starts, *, chunk, n,
         starts[i] = M
         ts = [i * chunk + j for j in range(chunk)]
         load = _chunk_loads((r, theta, c, e, k, q), ts, prefetch)
-        stores = []
+        store, flush = _chunk_stores(prefetch)
         for j, t in enumerate(ts):
             r_t, theta_t, c_t, e_t, k_t, q_t = load(j)
             M = _where_reset(r_t, M)
             th = jnp.tanh(theta_t[:, :, None] * c_t[:, None, :])
             M = (1 + th) * M + e_t[:, :, None] * k_t[:, None, :]
-            y_t = jnp.sum(M * q_t[:, None, :], axis=-1)
-            if prefetch:
-                stores.append((y, t, y_t))
-            else:
-                y[t] = y_t
-        _store_all(stores, prefetch)
+            store(y, t, jnp.sum(M * q_t[:, None, :], axis=-1))
+        flush()
         return M
 
     m_last[...] = jax.lax.fori_loop(0, n, chunk_body, m0[...])
@@ -259,14 +266,7 @@ def _pallas_bwd_kernel(
         i = n - 1 - ii
         ts = [i * chunk + j for j in range(chunk)]
         load = _chunk_loads((r, theta, c, e, k, q, dy), ts, prefetch)
-        stores = []
-
-        def store(ref, t, value):
-            if prefetch:
-                stores.append((ref, t, value))
-            else:
-                ref[t] = value
-
+        store, flush = _chunk_stores(prefetch)
         M = starts[i]
         M_prevs = []  # M̃_{t-1} for the chunk's steps, on chip
         for j, t in enumerate(ts):
@@ -287,7 +287,7 @@ def _pallas_bwd_kernel(
             store(de, t, jnp.sum(G * k_t[:, None, :], axis=-1))
             store(dk, t, jnp.sum(G * e_t[:, :, None], axis=-2))
             P = _where_reset(r_t, (1 + th) * G)
-        _store_all(stores, prefetch)
+        flush()
         return P
 
     dm0[...] = jax.lax.fori_loop(0, n, chunk_body, dm_last[...])
