@@ -5,15 +5,16 @@
     python bench/memory.py --quick --size 128,64,32   # one size (repeatable flag)
 
 For each (T, B, H) it reports sequence steps × batch per second (T·B / seconds) for the forward
-pass and for forward+backward (grad of a sum of the outputs), and the compiled program's peak
+pass and for forward+backward (grad of a fixed random weighting of the outputs), and the compiled program's peak
 memory (arguments + outputs + temporaries, from XLA's memory analysis). Rows:
 - `scan/<method>`: the bare `hadamard_read` on given C, U [T, B, H, H] and q [T, B, H];
 - `read/<impl>`: SHM's read from the per-step vectors θ, c, η v, k, q [T, B, H] (C_t and U_t
   formed inside the step): `factored` = `shm.factored_read` differentiated by autodiff,
-  `fused` = `kernel.fused_read` with its hand-written backward, `pallas` = `kernel.pallas_read`
-  (GPU only: on a CPU it would run interpreted);
+  `fused` = `kernel.fused_read` with its hand-written backward, `native` = `native.native_read`
+  (the same in C++; CPU only, when it builds), `pallas` = `kernel.pallas_read` (GPU only: on a
+  CPU it would run interpreted);
 - `SHM(H)/<method>`: the whole SHM layer (projections, calibration, scan, read-out), input width H
-  ("sequential" runs `fused_read`; "pallas" on GPU only);
+  ("sequential" runs `fused_read`; "native" on CPU only, "pallas" on GPU only);
 - `GRU(256)`, `GRU(256), unroll 16`: flax GRUCell with 256 hidden units under a scan (1 or 16
   steps per loop iteration), input width H, same T and B;
 - `memorax SHM(H)`: memorax 1.0.1's `SHMCell` (the peer JAX SHM) under its own `RNN` wrapper,
@@ -42,13 +43,20 @@ import jax.numpy as jnp
 import numpy as np
 
 import shm_jax
+from shm_jax import native
 from shm_jax.kernel import fused_read, pallas_read
+from shm_jax.native import native_read
 from shm_jax.scan import choose_method, hadamard_read
 from shm_jax.shm import factored_read, layer_method
 
 SIZES = [(128, 64, 32), (1024, 8, 128), (1024, 64, 32)]
 METHODS = ["sequential", "associative", "chunked", "auto"]
-READS = {"factored": factored_read, "fused": fused_read, "pallas": pallas_read}
+READS = {
+    "factored": factored_read,
+    "fused": fused_read,
+    "native": native_read,
+    "pallas": pallas_read,
+}
 
 
 def timeit(fn, args, repeats: int) -> float:
@@ -72,10 +80,15 @@ def peak_mib(compiled) -> float:
 
 def measure(forward, args, repeats, outputs=False):
     """(fwd steps/s, fwd+bwd steps/s, fwd+bwd peak MiB) of forward(*args) -> array [T, B, ...];
-    with outputs=True also (forward's output, the gradients of its sum). Each program is
-    compiled once, ahead of time."""
+    with outputs=True also (forward's output, the gradients of the loss). The loss is a fixed
+    random weighting of the output, sum(w ⊙ y), as a real loss would give: a plain sum would hand
+    every step the same constant cotangent, which XLA can simplify in ways a real loss does not
+    allow (the read's backward measured 1.5x faster that way). Each program is compiled once,
+    ahead of time."""
     fwd = jax.jit(forward).lower(*args).compile()
-    loss = lambda *a: jnp.sum(forward(*a))
+    out = jax.eval_shape(forward, *args)
+    w = jax.random.normal(jax.random.PRNGKey(1), out.shape, out.dtype)
+    loss = lambda *a: jnp.sum(forward(*a) * w)
     bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
     result = timeit(fwd, args, repeats), timeit(bwd, args, repeats), peak_mib(bwd)
     return (result, (fwd(*args), bwd(*args))) if outputs else result
@@ -221,6 +234,10 @@ def main():
     print("| T, B, H | what | fwd steps/s | fwd+bwd steps/s | fwd+bwd peak MiB |")
     print("|---|---|---:|---:|---:|")
     gpu = jax.default_backend() == "gpu"
+    # The kernels for the backend: Pallas on a GPU, the C++ kernel on a CPU (when it builds).
+    kernels = ["pallas"] if gpu else ["native"] if native.available() else []
+    if jax.default_backend() == "cpu" and not kernels:
+        print(f"(no native rows: {native.unavailable_reason()})\n")
     for T, B, H in sizes:
         auto = {
             "scan/auto": choose_method(T, B, H),
@@ -229,10 +246,9 @@ def main():
         rows = []
         for method in METHODS:
             rows.append((f"scan/{method}", scan_row(T, B, H, method, key)))
-        reads = ["factored", "fused"] + (["pallas"] if gpu else [])
-        for impl in reads:
+        for impl in ["factored", "fused", *kernels]:
             rows.append((f"read/{impl}", read_row(T, B, H, impl, key)))
-        for method in METHODS + (["pallas"] if gpu else []):
+        for method in METHODS + kernels:
             rows.append(
                 (f"SHM({H})/{method}", layer_row("shm", T, B, H, key, size=H, method=method))
             )

@@ -30,6 +30,7 @@ import numpy as np
 
 import run
 import train
+from shm_jax.shm import layer_method
 
 
 def environment() -> str:
@@ -56,6 +57,14 @@ def timed_run(cfg: train.Config):
     return compile_s, run_s, jax.device_get(metrics), walls - progress.start_time
 
 
+def shm_form(cfg) -> str:
+    """The form SHM's update runs for cfg's minibatches (what "auto" resolves to)."""
+    if cfg.memory_method != "auto":
+        return cfg.memory_method
+    batch = cfg.num_envs // cfg.num_minibatches
+    return f"auto = {layer_method(cfg.num_steps, batch, cfg.memory_size, fused=True)}"
+
+
 def throughput(args) -> None:
     base = train.Config(
         env="RepeatPreviousEasy",
@@ -70,14 +79,19 @@ def throughput(args) -> None:
           f"{base.num_epochs} epochs x {base.num_minibatches} minibatches, "
           f"{base.total_timesteps:,} steps, 1 seed")  # fmt: skip
     print()
-    print("| memory | size | compile (s) | run (s) | env steps/s | final return |")
-    print("|---|---|---|---|---|---|")
-    for memory, size in (("shm", 32), ("gru", 256)):
-        cfg = dataclasses.replace(base, memory=memory, memory_size=size)
+    print("| memory | size | SHM form | compile (s) | run (s) | env steps/s | final return |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [("shm", 32, "auto"), ("shm", 32, "sequential"), ("gru", 256, "auto")]
+    for memory, size, method in rows:
+        cfg = dataclasses.replace(base, memory=memory, memory_size=size, memory_method=method)
         compile_s, run_s, metrics, _ = timed_run(cfg)
         sps = cfg.num_updates * cfg.steps_per_update / run_s
         final = np.nanmean(metrics["episode_return"][-max(1, cfg.num_updates // 10) :])
-        print(f"| {memory} | {size} | {compile_s:.1f} | {run_s:.1f} | {sps:,.0f} | {final:.3f} |")
+        form = shm_form(cfg) if memory == "shm" else ""
+        print(
+            f"| {memory} | {size} | {form} | {compile_s:.1f} | {run_s:.1f} | {sps:,.0f} "
+            f"| {final:.3f} |"
+        )
     print()
     print(environment())
 

@@ -3,6 +3,7 @@ baseline memories with the same interface, and a registry."""
 
 from shm_jax.baselines import GRU, LRU
 from shm_jax.kernel import fused_read, pallas_read
+from shm_jax.native import native_read
 from shm_jax.registry import make_memory, memory_names
 from shm_jax.scan import hadamard_read, hadamard_scan
 from shm_jax.shm import SHM
@@ -16,5 +17,6 @@ __all__ = [
     "hadamard_scan",
     "make_memory",
     "memory_names",
+    "native_read",
     "pallas_read",
 ]

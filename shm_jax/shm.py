@@ -21,7 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from shm_jax import native
 from shm_jax.kernel import fused_read, pallas_read
+from shm_jax.native import native_read
 from shm_jax.scan import DEFAULT_CHUNK, METHODS, choose_method, hadamard_read, hadamard_scan
 
 CALIBRATIONS = ("shm", "none", "fixed", "single_theta")
@@ -34,15 +36,22 @@ def layer_method(T: int, batch: int, H: int, *, fused: bool, backend: str | None
     from [T, B, H] vectors (`shm_jax.kernel`). On a GPU that is the Pallas kernel: on an H100
     it trained the layer 1.15x (T, B, H = 1024, 8, 128) and 3.8x (1024, 512, 32) faster than
     the associative scan, the fastest other form, in 15% and 12% of its memory (README
-    "Performance"). Otherwise `choose_method`: "sequential" on a CPU (`fused_read` when fused),
-    the associative scan on a GPU/TPU while it fits its memory budget."""
+    "Performance"). On a CPU it is the C++ kernel (`shm_jax.native`) when it builds, about 3x
+    faster to train than `fused_read`, which runs otherwise (with a warning). Otherwise
+    `choose_method`: "sequential" on a CPU, the associative scan on a GPU/TPU while it fits its
+    memory budget."""
     backend = backend or jax.default_backend()
     if fused and backend == "gpu":
         return "pallas"
+    if fused and backend == "cpu":
+        if native.available():
+            return "native"
+        native.warn_fallback()
     return choose_method(T, batch, H, backend)
 
 
-LAYER_METHODS = (*METHODS, "pallas")
+LAYER_METHODS = (*METHODS, "pallas", "native")
+FUSED_ONLY = ("pallas", "native")  # forms that need θ calibration and no clamp
 THETA_INITS = ("xavier", "xavier_abs")
 
 
@@ -113,9 +122,10 @@ class SHM(nn.Module):
         with θ calibration and no clamp, "sequential" is `shm_jax.kernel.fused_read`, which
         never forms C, U [T, B, H, H] and has a hand-written backward) | "pallas" (the Pallas
         kernel `shm_jax.kernel.pallas_read`, for a GPU; interpreted, slowly, on a CPU; needs θ
-        calibration and no clamp). "auto" = `layer_method`: "pallas" on a GPU wherever it
-        applies (measured faster than every other form there, with a fraction of the memory:
-        README "Performance"), else `shm_jax.scan.choose_method`.
+        calibration and no clamp) | "native" (the C++ CPU kernel `shm_jax.native.native_read`,
+        built on first use; same needs). "auto" = `layer_method`: "pallas" on a GPU and
+        "native" on a CPU wherever they apply (each measured faster than every other form
+        there: README "Performance"), else `shm_jax.scan.choose_method`.
       dtype: parameter and computation dtype.
     """
 
@@ -141,13 +151,18 @@ class SHM(nn.Module):
             raise ValueError(
                 f"unknown method {self.method!r}; choose one of {', '.join(LAYER_METHODS)}"
             )
-        if self.method == "pallas" and (
+        if self.method in FUSED_ONLY and (
             self.calibration not in CALIBRATED or self.clamp is not None
         ):
             raise ValueError(
-                "method 'pallas' computes C_t = 1 + tanh(θ_t c_tᵀ) without a clamp: it needs "
-                f"calibration in {CALIBRATED} and clamp=None; got {self.calibration!r}, "
+                f"method {self.method!r} computes C_t = 1 + tanh(θ_t c_tᵀ) without a clamp: it "
+                f"needs calibration in {CALIBRATED} and clamp=None; got {self.calibration!r}, "
                 f"clamp={self.clamp!r}"
+            )
+        if self.method == "native" and not native.available():
+            raise ValueError(
+                f"method 'native' needs the C++ CPU kernel, which did not build "
+                f"({native.unavailable_reason()}); use method='sequential' (same numbers)"
             )
         if self.size < 1 or self.num_thetas < 1:
             raise ValueError(
@@ -243,13 +258,18 @@ class SHM(nn.Module):
         method = self.method
         if method == "auto":
             method = layer_method(T, math.prod(x.shape[1:-1]), H, fused=fused)
-        if fused and method in ("sequential", "pallas"):
+        if method == "native" and jax.default_backend() != "cpu":
+            raise ValueError(
+                f"method 'native' is the CPU kernel; the default backend is "
+                f"{jax.default_backend()!r}: use method='auto' (or 'pallas' on a GPU)"
+            )
+        if fused and method in ("sequential", *FUSED_ONLY):
             # Build C_t and U_t inside the step from [T, B, H] vectors: the same numbers as
             # hadamard_read's sequential form without ever holding C, U [T, B, H, H] in memory,
             # and a hand-written backward pass (shm_jax.kernel), 3x faster than autodiff's.
             theta, c, eta_v, k, q, shortcut = self._vectors(x, aux)
-            read_fn = fused_read if method == "sequential" else pallas_read
-            read, M_last = read_fn(theta, c, eta_v, k, q, resets, carry)
+            read_fn = {"sequential": fused_read, "pallas": pallas_read, "native": native_read}
+            read, M_last = read_fn[method](theta, c, eta_v, k, q, resets, carry)
             return M_last, self.out_proj(read + shortcut)
         C, U, q, shortcut = self._factors(x, aux)
         if self.clamp is None:
@@ -258,6 +278,20 @@ class SHM(nn.Module):
             M_all = clamped_scan(C, U, resets, carry, self.clamp)
             read, M_last = jnp.einsum("...ij,...j->...i", M_all, q), M_all[-1]
         return M_last, self.out_proj(read + shortcut)
+
+    def vectors(self, carry, x, resets=None, aux=None):
+        """For inspection: the per-step vectors the layer computes from its input, each
+        [T, *batch, H]: "x_hat" (LayerNorm(x), [T, *batch, d]), "k" and "q" (the sum-normalised
+        key and query), "eta_v" (η_t v_t), and for θ calibration "theta" (the drawn rows θ_t) and
+        "c" (c_t). Takes `__call__`'s inputs (carry and resets are not needed, only accepted):
+        `layer.apply(params, carry, x, resets, aux, method="vectors")`."""
+        del carry
+        resets, aux = self._check_inputs(x, resets, aux)
+        theta, c, eta_v, k, q, _ = self._vectors(x, aux)
+        out = {"x_hat": self.norm(x), "k": k, "q": q, "eta_v": eta_v}
+        if theta is not None:
+            out.update(theta=theta, c=c)
+        return out
 
     def memory_trace(self, carry, x, resets=None, aux=None):
         """For inspection (notebooks, `train.memory_trace`): the recurrence step by step.

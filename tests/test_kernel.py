@@ -1,16 +1,29 @@
-"""`fused_read` (hand-written backward) and `pallas_read` (Pallas kernels, interpreted on CPU)
-against a float64 numpy loop for values, against autodiff of independent float64 scans and
-central finite differences for gradients."""
+"""`fused_read` (hand-written backward), `native_read` (the same in C++, an XLA FFI call) and
+`pallas_read` (Pallas kernels, interpreted on CPU) against a float64 numpy loop for values,
+against autodiff of independent float64 scans and central finite differences for gradients."""
+
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shm_jax import native
 from shm_jax.kernel import PALLAS_MIN_PROGRAMS, fused_read, pallas_blocks, pallas_read
+from shm_jax.native import native_read
 from shm_jax.shm import factored_read
 
 NAMES = ("theta", "c", "eta_v", "k", "q")
+# The forms with a hand-written backward that run natively on this CPU.
+READS = pytest.mark.parametrize("read", [fused_read, native_read], ids=["fused", "native"])
+
+
+def test_native_kernel_builds_where_there_is_a_compiler():
+    """The native tests below must not pass vacuously: wherever a C++ compiler is installed (as
+    on CI), the kernel builds and registers."""
+    if shutil.which("c++") or shutil.which("g++"):
+        assert native.available(), native.unavailable_reason()
 
 
 def numpy_read(theta, c, e, k, q, resets, memory):
@@ -78,25 +91,27 @@ def test_values_and_gradients_match_float64_references(seed, chunk):
         @jax.jit  # one compile for the case
         def run(*args):
             return (
-                fused_read(*args[:5], r, args[5], chunk=chunk),
-                grad(fused_read)(*args),
+                [read(*args[:5], r, args[5], chunk=chunk) for read in (fused_read, native_read)],
+                [grad(read)(*args) for read in (fused_read, native_read)],
                 grad(lambda *a, chunk: dense_scan_read(*a))(*args),
                 grad(factored_read)(*args),
             )
 
-        (Y, M_last), grads, ref_dense, ref_factored = run(*args)
+        outputs, grads, ref_dense, ref_factored = run(*args)
+    for (Y, M_last), read_grads in zip(outputs, grads, strict=True):  # fused, then native
         assert Y.dtype == M_last.dtype == jnp.float64
-    assert rel_err(Y, ref_Y) < 1e-9
-    assert rel_err(M_last, ref_M) < 1e-9
-    for name, g, g_dense, g_factored in zip(
-        (*NAMES, "memory"), grads, ref_dense, ref_factored, strict=True
-    ):
-        assert g.shape == g_dense.shape, name
-        assert rel_err(g, g_dense) < 1e-9, name
-        assert rel_err(g, g_factored) < 1e-9, name
+        assert rel_err(Y, ref_Y) < 1e-9
+        assert rel_err(M_last, ref_M) < 1e-9
+        for name, g, g_dense, g_factored in zip(
+            (*NAMES, "memory"), read_grads, ref_dense, ref_factored, strict=True
+        ):
+            assert g.shape == g_dense.shape, name
+            assert rel_err(g, g_dense) < 1e-9, name
+            assert rel_err(g, g_factored) < 1e-9, name
 
 
-def test_gradients_match_central_finite_differences():
+@READS
+def test_gradients_match_central_finite_differences(read):
     """A tiny case with a reset inside the sequence, a carried memory, two batch axes and a chunk
     that does not divide T; finite differences of the numpy loop, independent of JAX."""
     rng = np.random.default_rng(7)
@@ -114,7 +129,7 @@ def test_gradients_match_central_finite_differences():
 
     args = [*vectors, memory]
     with jax.enable_x64(True):
-        loss = loss_fn(fused_read, jnp.asarray(resets), jnp.asarray(wY), jnp.asarray(wM), chunk)
+        loss = loss_fn(read, jnp.asarray(resets), jnp.asarray(wY), jnp.asarray(wM), chunk)
         grads = jax.grad(loss, tuple(range(6)))(*map(jnp.asarray, args))
     eps = 1e-6
     for i, g in enumerate(grads):
@@ -130,7 +145,8 @@ def test_gradients_match_central_finite_differences():
     assert np.all(np.asarray(grads[5])[0, 0] != 0.0)
 
 
-def test_defaults_and_no_gradient_to_resets():
+@READS
+def test_defaults_and_no_gradient_to_resets(read):
     """resets=None is no resets, memory=None is a zero memory; resets get a float0 cotangent."""
     vectors, _, memory, _, _ = random_case(9, T=6)
     v = [jnp.asarray(a, jnp.float32) for a in vectors]
@@ -139,8 +155,8 @@ def test_defaults_and_no_gradient_to_resets():
 
     @jax.jit
     def run(v):
-        Y, M = fused_read(*v, chunk=4)
-        (Y2, M2), vjp = jax.vjp(lambda *a: fused_read(*a, chunk=4), *v, zeros_r, zeros_M)
+        Y, M = read(*v, chunk=4)
+        (Y2, M2), vjp = jax.vjp(lambda *a: read(*a, chunk=4), *v, zeros_r, zeros_M)
         return Y, M, Y2, M2, vjp((jnp.ones_like(Y), jnp.ones_like(M)))
 
     Y, M, Y2, M2, cot = run(v)
@@ -212,7 +228,9 @@ def test_pallas_default_blocks():
         pallas_read(*[jnp.zeros((2, 1, 4))] * 5, num_warps=0)
 
 
-@pytest.mark.parametrize("read", [fused_read, pallas_read], ids=["fused", "pallas"])
+@pytest.mark.parametrize(
+    "read", [fused_read, native_read, pallas_read], ids=["fused", "native", "pallas"]
+)
 def test_inf_before_a_reset_does_not_leak(read):
     """A memory that overflowed in one episode must not turn the next episode's values or
     gradients into NaN (0 · inf): resets are selects, never products."""
@@ -233,7 +251,8 @@ def test_inf_before_a_reset_does_not_leak(read):
     assert np.all(np.asarray(grads[5]) == 0.0)  # nothing after the reset reaches the old memory
 
 
-def test_vmap_equals_a_batch_axis():
+@READS
+def test_vmap_equals_a_batch_axis(read):
     """Under vmap (as over seeds or envs), values and gradients equal those with the mapped axis
     as a batch axis."""
     rng = np.random.default_rng(4)
@@ -244,7 +263,7 @@ def test_vmap_equals_a_batch_axis():
     wY, wM = f32(T, *batch, H), f32(*batch, H, H)
 
     def loss(*args):  # mapped over the first batch axis (axis 1 of vectors, 0 of memory)
-        Y, M = fused_read(*args[:5], args[6], args[5], chunk=4)
+        Y, M = read(*args[:5], args[6], args[5], chunk=4)
         return jnp.sum(Y * args[7]) + jnp.sum(M * args[8])
 
     grad = jax.grad(loss, tuple(range(6)))

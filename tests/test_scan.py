@@ -213,17 +213,27 @@ def test_auto_rule():
     assert choose_method(2049, 64, 64, backend="gpu") == "chunked"
 
 
-def test_layer_auto_rule():
-    """The SHM layer's "auto": the Pallas kernel on a GPU where the fused form applies (θ
-    calibration, no clamp), else the scan's rule."""
+def test_layer_auto_rule(monkeypatch):
+    """The SHM layer's "auto": the Pallas kernel on a GPU and the native kernel on a CPU where
+    the fused form applies (θ calibration, no clamp), else the scan's rule; on a CPU without the
+    native kernel, fused_read ("sequential") with a warning."""
+    from shm_jax import native
     from shm_jax.shm import layer_method
 
     assert layer_method(1024, 8, 128, fused=True, backend="gpu") == "pallas"
     assert layer_method(1, 64, 128, fused=True, backend="gpu") == "pallas"
     assert layer_method(1024, 8, 128, fused=False, backend="gpu") == "associative"
     assert layer_method(1024, 64, 128, fused=False, backend="gpu") == "chunked"
-    assert layer_method(1024, 8, 128, fused=True, backend="cpu") == "sequential"
+    assert layer_method(1024, 8, 128, fused=False, backend="cpu") == "sequential"
     assert layer_method(1024, 8, 128, fused=True, backend="tpu") == "associative"
+    monkeypatch.setattr(native, "available", lambda: True)
+    assert layer_method(1024, 8, 128, fused=True, backend="cpu") == "native"
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler found")
+    native.warn_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        assert layer_method(1024, 8, 128, fused=True, backend="cpu") == "sequential"
+    native.warn_fallback.cache_clear()
 
 
 @pytest.mark.parametrize("method", ["sequential", "chunked"])
