@@ -76,11 +76,15 @@ class Config:
     stays positive every C_t entry of a column exceeds 1, and on episodes of 100+ steps (Wind,
     Visual Match) the memory overflows float32 in the first update (README, "Why SHM learned
     slowly")."""
-    memory_method: Literal["auto", "sequential", "associative", "chunked", "pallas"] = "auto"
+    memory_method: Literal["auto", "sequential", "associative", "chunked", "pallas", "native"] = (
+        "auto"
+    )
     """SHM: how the layer computes the recurrence (`shm_jax.SHM.method`); the numbers are the
-    same, only speed and memory differ. auto = sequential on a CPU (hand-written backward),
-    chosen by the measured table in README "Performance" on a GPU; pallas = the fused GPU kernel
-    (`shm_jax.kernel.pallas_read`; interpreted, very slowly, on a CPU)."""
+    same, only speed and memory differ. auto = the fastest form measured (README "Performance"):
+    native on a CPU (sequential if the C++ kernel cannot be built), pallas on a GPU; native = the
+    C++ CPU kernel (`shm_jax.native`, built on first use); sequential = `lax.scan` with a
+    hand-written backward; pallas = the fused GPU kernel (`shm_jax.kernel.pallas_read`;
+    interpreted, very slowly, on a CPU)."""
     memory_unroll: int = 0
     """GRU: time steps per iteration of its compiled scan (speed only). 0 = by backend: 16 on a
     GPU (2.3x faster there), 1 on a CPU (where 16 is 2.4x slower): README "Performance"."""
@@ -102,6 +106,30 @@ class Config:
     x <- (1 - s)·x + s·pe[t] over the 128 features (s learned, from 0.5); append = our default
     agent's way, a 16-wide encoding appended to the features; off = none. An ablation knob
     (README, "The authors' agent under our PPO")."""
+    paper_input_norm: bool = True
+    """Paper agent: the LayerNorm (no scale or shift) after the 128-wide feature map, as the
+    authors have it. An ablation knob (README, "Which part of the authors' agent slows SHM")."""
+    paper_memory_input: int = 64
+    """Paper agent: width of the ReLU preprocessor layer whose output is the memory's input (the
+    authors' 64). An ablation knob, like --paper-input-norm."""
+    paper_readout: int = 1024
+    """Paper agent, SHM: width of SHM's output projection, the read-out the 64-wide
+    postprocessor takes (the authors' 1024; 0 = the memory size H, as the default agent has it).
+    An ablation knob, like --paper-input-norm."""
+    paper_heads: Literal["paper", "default"] = "paper"
+    """Paper agent: the actor and critic after the memory. paper = the authors' shared 64-wide
+    ReLU postprocessor, then a linear 64-wide layer and the output layer per head; default = the
+    default agent's heads (a separate ReLU layer of --hidden units per head). An ablation knob,
+    like --paper-input-norm."""
+    paper_feature_map: bool = True
+    """Paper agent: the linear 128-wide feature map (and its LayerNorm) before the preprocessor,
+    as the authors have it. Without it the observation (with a 16-wide step encoding appended
+    under --paper-time-embedding append) goes straight into the ReLU preprocessor, as in the
+    default agent. An ablation knob, like --paper-input-norm."""
+    paper_bias_init: Literal["torch", "zeros"] = "torch"
+    """Paper agent: the start of every layer's bias. torch = torch.nn.Linear's default
+    U(±1/√fan_in), as the authors' layers start; zeros = 0, as the default agent's layers
+    start. An ablation knob, like --paper-input-norm."""
     head: Literal["auto", "categorical", "gaussian"] = "auto"
     """Action head; auto = categorical for Discrete, diagonal Gaussian for Box action spaces."""
     log_std_init: float = 0.0
@@ -297,9 +325,23 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.time_embedding < 0 or cfg.time_embedding % 2:
         raise ValueError(f"--time-embedding must be an even width >= 0, got {cfg.time_embedding}")
-    for name in ("max_grad_norm", "vf_loss_clip", "kl_coeff", "memory_features"):
+    if cfg.paper_memory_input < 1:
+        raise ValueError(f"--paper-memory-input must be >= 1, got {cfg.paper_memory_input}")
+    if not cfg.paper_feature_map and (
+        cfg.paper_input_norm
+        or (cfg.memory.startswith("shm") and cfg.paper_time_embedding == "blend")
+    ):
+        raise ValueError(
+            "--no-paper-feature-map removes the 128-wide features that the LayerNorm and the "
+            "blended time embedding act on: add --no-paper-input-norm and "
+            "--paper-time-embedding append (or off)"
+        )
+    for name in ("max_grad_norm", "vf_loss_clip", "kl_coeff"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = off)")
+    for name in ("memory_features", "paper_readout"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = the memory size)")
     if cfg.kl_target <= 0:
         raise ValueError(f"--kl-target must be > 0, got {cfg.kl_target}")
 
@@ -388,27 +430,34 @@ class ActorCritic(AgentBase):
             x = jnp.concatenate([x, time_encoding(t, self.time_embedding)], axis=-1)
         x = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)), name="embed")(x))
         mem_carry, y = self.memory(mem_carry, x, resets, aux)  # y: [T, B, features]
-
-        a = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)))(y))
-        a = nn.Dense(self.action_dim, kernel_init=_orth(0.01))(a)
+        a, value = default_heads(y, self.action_dim, self.hidden)
         if self.continuous:
             init = nn.initializers.constant(self.log_std_init)
             log_std = self.param("log_std", init, (self.action_dim,))
             policy_out = (a, log_std)
         else:
             policy_out = a
-
-        v = nn.relu(nn.Dense(self.hidden, kernel_init=_orth(math.sqrt(2)))(y))
-        value = nn.Dense(1, kernel_init=_orth(1.0))(v)[..., 0]
         return (mem_carry, t[-1]), policy_out, value
+
+
+def default_heads(y, action_dim: int, hidden: int):
+    """The default agent's actor and critic, separate from the memory's output y on: (logits or
+    mean [..., A], value [...]), each one ReLU layer of `hidden` units (orthogonal, gain √2),
+    then orthogonal gain 0.01 (actor) or 1 (critic). Call it inside a compact module."""
+    a = nn.relu(nn.Dense(hidden, kernel_init=_orth(math.sqrt(2)))(y))
+    a = nn.Dense(action_dim, kernel_init=_orth(0.01))(a)
+    v = nn.relu(nn.Dense(hidden, kernel_init=_orth(math.sqrt(2)))(y))
+    return a, nn.Dense(1, kernel_init=_orth(1.0))(v)[..., 0]
 
 
 class TorchDense(nn.Module):
     """nn.Dense with torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    and orthogonal (gain 1) weights unless told otherwise: the authors' agent's layers."""
+    and orthogonal (gain 1) weights unless told otherwise: the authors' agent's layers.
+    `torch_bias=False` starts the bias at 0 instead (an ablation)."""
 
     features: int
     kernel_init: Callable = nn.initializers.orthogonal(1.0)
+    torch_bias: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -416,6 +465,8 @@ class TorchDense(nn.Module):
         bias_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
             key, shape, dtype, -bound, bound
         )
+        if not self.torch_bias:
+            bias_init = nn.initializers.zeros
         return nn.Dense(self.features, kernel_init=self.kernel_init, bias_init=bias_init)(x)
 
 
@@ -432,29 +483,41 @@ class PaperAgent(AgentBase):
     continuous: bool = False
     pixel_dims: int = 0
     time_embedding: str = "blend"  # "blend" (the authors'), "append" (16 wide) or "off"
+    input_norm: bool = True  # the LayerNorm after the feature map (ablation knob)
+    memory_input: int = 64  # width of the ReLU preprocessor, the memory's input (ablation knob)
+    heads: str = "paper"  # "paper" or "default": `default_heads` on the memory's output (ablation)
+    hidden: int = 128  # the default heads' width
+    feature_map: bool = True  # the 128-wide linear feature map before the preprocessor (ablation)
+    torch_bias: bool = True  # biases start at torch's U(±1/√fan_in), else 0 (ablation)
 
     @nn.compact
     def __call__(self, carry, obs, resets, aux):
         mem_carry, t, x = agent_inputs(carry, obs, resets, self.pixel_dims)
-        x = TorchDense(128, name="feature_map")(x)
-        x = nn.LayerNorm(use_scale=False, use_bias=False)(x)
+        Dense = functools.partial(TorchDense, torch_bias=self.torch_bias)
+        if self.feature_map:
+            x = Dense(128, name="feature_map")(x)
+        if self.input_norm:
+            x = nn.LayerNorm(use_scale=False, use_bias=False)(x)
         if self.time_embedding == "blend":
             s = self.param("time_strength", nn.initializers.constant(0.5), ())
             x = (1.0 - s) * x + s * time_encoding(t, 128)
         elif self.time_embedding == "append":
             x = jnp.concatenate([x, time_encoding(t, 16)], axis=-1)
-        x = nn.relu(TorchDense(64, name="preprocessor")(x))
+        x = nn.relu(Dense(self.memory_input, name="preprocessor")(x))
         mem_carry, y = self.memory(mem_carry, x, resets, aux)
-        y = nn.relu(TorchDense(64, name="postprocessor")(y))
-        small = nn.initializers.normal(0.01)
-        a = TorchDense(64, name="actor_hidden")(y)
-        a = TorchDense(self.action_dim, kernel_init=small, name="actor_out")(a)
+        if self.heads == "default":
+            a, value = default_heads(y, self.action_dim, self.hidden)
+        else:
+            y = nn.relu(Dense(64, name="postprocessor")(y))
+            small = nn.initializers.normal(0.01)
+            a = Dense(64, name="actor_hidden")(y)
+            a = Dense(self.action_dim, kernel_init=small, name="actor_out")(a)
+            v = Dense(64, name="critic_hidden")(y)
+            value = Dense(1, kernel_init=small, name="critic_out")(v)[..., 0]
         policy_out = a
         if self.continuous:
             log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
             policy_out = (a, log_std)
-        v = TorchDense(64, name="critic_hidden")(y)
-        value = TorchDense(1, kernel_init=small, name="critic_out")(v)[..., 0]
         return (mem_carry, t[-1]), policy_out, value
 
 
@@ -583,11 +646,21 @@ def make_env_and_network(cfg: Config) -> Setup:
         extra["unroll"] = cfg.memory_unroll or None
     if cfg.agent == "paper":
         # The authors widen SHM's read-out to 1024; their GRU outputs its hidden state.
-        memory = shm_jax.make_memory(
-            cfg.memory, size=cfg.mem_size, features=1024 if is_shm else None, **extra
+        readout = (cfg.paper_readout or None) if is_shm else None
+        memory = shm_jax.make_memory(cfg.memory, size=cfg.mem_size, features=readout, **extra)
+        network = PaperAgent(
+            memory,
+            action_dim,
+            continuous,
+            pixel_dims,
+            time_embedding=cfg.paper_time_embedding if is_shm else "off",  # their GRU has none
+            input_norm=cfg.paper_input_norm,
+            memory_input=cfg.paper_memory_input,
+            heads=cfg.paper_heads,
+            hidden=cfg.hidden,
+            feature_map=cfg.paper_feature_map,
+            torch_bias=cfg.paper_bias_init == "torch",
         )
-        time = cfg.paper_time_embedding if is_shm else "off"  # the authors' GRU has none
-        network = PaperAgent(memory, action_dim, continuous, pixel_dims, time_embedding=time)
     else:
         memory = shm_jax.make_memory(
             cfg.memory, size=cfg.mem_size, features=cfg.memory_features or None, **extra
@@ -877,13 +950,14 @@ def replay_episode(
     return out
 
 
-def make_memory_trace(setup: Setup) -> Callable:
+def make_memory_trace(setup: Setup, method: str = "memory_trace") -> Callable:
     """A jitted `trace(params, carry, obs [T, B, obs_dim], reset [T, B], aux [T, B])` that runs
     the network (one seed's params, network carry leaves [B, ...]) and returns (the network's
     carry after step T-1, {"M", "C", "U"} each [T, B, H, H]): the SHM layer's recurrence
     M_t = C_t ⊙ M_{t-1} + U_t on exactly the inputs the network feeds it (`SHM.memory_trace`).
     Chunks of a long replay, run one after another carrying the network carry, give the same
-    numbers as one call. ValueError if the network's memory is not an SHM layer."""
+    numbers as one call. `method="vectors"` returns `SHM.vectors` instead (x̂_t, k_t, q_t, ...
+    [T, B, ...]). ValueError if the network's memory is not an SHM layer."""
     if not isinstance(setup.memory, shm_jax.SHM):
         raise ValueError(
             f"memory_trace reads an SHM layer's M_t and C_t; this network's memory is "
@@ -898,7 +972,7 @@ def make_memory_trace(setup: Setup) -> Callable:
         def grab(next_fun, args, kwargs, context):
             # The memory's own inputs, whatever layers come before it in the network.
             if isinstance(context.module, shm_jax.SHM) and context.method_name == "__call__":
-                found.append(context.module.memory_trace(*args, **kwargs))
+                found.append(getattr(context.module, method)(*args, **kwargs))
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(grab):

@@ -27,6 +27,9 @@ results used; the paper's is in `paper_budget`).
   held-out tasks (`eval_return`). The paper used SAC; this is PPO.
 - calibration: SHM against its calibration ablations (`shm_nocal`, `shm_fixed`,
   `shm_single`) on RepeatPreviousEasy, the POPGym task on which our SHM learns on a CPU budget.
+- paper_agent: which part of the SHM authors' POPGym agent slows SHM. Their agent (SHM(32),
+  Xavier Θ) on RepeatPreviousEasy under our default PPO, with its parts swapped for the default
+  agent's one at a time, then together (`PAPER_AGENT_ABLATION`).
 - memory_size: SHM with H in {8, 16, 32, 64, 128} on AutoencodeEasy and BattleshipEasy.
 """
 
@@ -67,6 +70,57 @@ def one_episode_rollouts(env: str) -> dict[str, Any]:
     return dict(num_steps=int(params.max_steps_in_episode))
 
 
+# Which part of the authors' POPGym agent slows SHM: their agent (SHM(32), Xavier Θ) under our
+# default PPO, with its parts swapped one at a time, then together, for the default agent's.
+_ALL_FOUR = dict(
+    paper_input_norm=False,  # no LayerNorm after the feature map
+    paper_memory_input=128,  # the memory's input 128 wide, not 64
+    paper_readout=0,  # SHM's read-out H wide, not 1024
+    paper_heads="default",  # the default agent's actor and critic
+    paper_time_embedding="append",  # the default agent's 16-wide step encoding
+)
+PAPER_AGENT_ABLATION: dict[str, dict[str, Any]] = {
+    "shm32": {},  # the authors' agent as it is
+    "shm32_xavier_3M": dict(total_timesteps=3_000_000),
+    "shm32_no_input_norm": dict(paper_input_norm=False),
+    "shm32_readout_H": dict(paper_readout=0),
+    "shm32_memory_input_128": dict(paper_memory_input=128),
+    "shm32_default_heads": dict(paper_heads="default"),
+    "shm32_zero_bias": dict(paper_bias_init="zeros"),
+    "shm32_all_three": dict(paper_input_norm=False, paper_memory_input=128, paper_readout=0),
+    "shm32_all_three_default_heads": dict(
+        paper_input_norm=False, paper_memory_input=128, paper_readout=0, paper_heads="default"
+    ),
+    "shm32_all_four_append": _ALL_FOUR,
+    "shm32_all_four_append_zero_bias": dict(_ALL_FOUR, paper_bias_init="zeros"),
+    "shm32_all_four_append_no_feature_map": dict(_ALL_FOUR, paper_feature_map=False),
+    # From the swaps with zero biases, one part back to the authors' at a time.
+    **{
+        f"shm32_all_four_append_zero_bias_but_{part}": dict(
+            _ALL_FOUR, paper_bias_init="zeros", **{field: authors}
+        )
+        for part, field, authors in (
+            ("input_norm", "paper_input_norm", True),
+            ("memory_input", "paper_memory_input", 64),
+            ("readout", "paper_readout", 1024),
+            ("heads", "paper_heads", "paper"),
+            ("blend", "paper_time_embedding", "blend"),
+        )
+    },
+    # Every part swapped: the default agent's network but for orthogonal gain 1 (not √2) in
+    # its input layer.
+    "shm32_all_swapped": dict(_ALL_FOUR, paper_feature_map=False, paper_bias_init="zeros"),
+    # The parts that matter (above), changed alone in the authors' agent; at H = 32 and at the
+    # paper's H = 128 for Easy tasks (whose baseline is results/paper-agent-theta).
+    "shm32_zero_bias_no_input_norm": dict(paper_bias_init="zeros", paper_input_norm=False),
+    "shm32_zero_bias_no_input_norm_append": dict(
+        paper_bias_init="zeros", paper_input_norm=False, paper_time_embedding="append"
+    ),
+    "shm128_zero_bias_no_input_norm": dict(
+        paper_bias_init="zeros", paper_input_norm=False, memory_size=128
+    ),
+}
+
 SUITES: dict[str, Suite] = {
     "credit_assignment": Suite(
         envs=("VisualMatch-250", "VisualMatch-500", "KeyToDoor-250", "KeyToDoor-500"),
@@ -98,6 +152,14 @@ SUITES: dict[str, Suite] = {
         metric="episode_return",
         total_timesteps=1_000_000,
         paper_budget="RLlib PPO, 15M steps (the paper's Fig. 3a)",
+    ),
+    "paper_agent": Suite(
+        envs=("RepeatPreviousEasy",),
+        variants=PAPER_AGENT_ABLATION,
+        base=dict(agent="paper", memory="shm", memory_size=32, theta_init="xavier"),
+        metric="episode_return",
+        total_timesteps=1_000_000,
+        paper_budget="RLlib PPO, 15M steps (the paper's Table 1); here our default PPO",
     ),
     "memory_size": Suite(
         envs=("AutoencodeEasy", "BattleshipEasy"),

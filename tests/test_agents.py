@@ -171,6 +171,77 @@ def test_paper_time_embedding_variants():
     assert "time_strength" not in shapes["append"] and "time_strength" not in shapes["off"]
 
 
+def test_paper_agent_ablation_knobs():
+    """--paper-readout (0 = H), --paper-memory-input and --paper-input-norm change exactly their
+    layer; the GRU keeps its hidden state as output whatever --paper-readout says."""
+    cfg = dataclasses.replace(TINY_PAPER, paper_readout=0, paper_memory_input=96)
+    shapes, _ = param_shapes(cfg)
+    assert shapes["preprocessor"]["Dense_0"]["kernel"] == (128, 96)
+    assert shapes["memory"]["out_proj"]["kernel"] == (8, 8)
+    assert shapes["postprocessor"]["Dense_0"]["kernel"] == (8, 64)
+    gru, _ = param_shapes(dataclasses.replace(TINY_PAPER, memory="gru", paper_readout=256))
+    assert gru["postprocessor"]["Dense_0"]["kernel"] == (8, 64)
+    # --paper-heads default: the default agent's two ReLU heads straight on the read-out
+    heads, _ = param_shapes(dataclasses.replace(TINY_PAPER, paper_heads="default", hidden=48))
+    assert "postprocessor" not in heads and "actor_out" not in heads
+    assert [heads[f"Dense_{i}"]["kernel"] for i in range(4)] == [
+        (1024, 48),
+        (48, 4),
+        (1024, 48),
+        (48, 1),
+    ]
+    # The LayerNorm has no parameters, so check what it does: without it the preprocessor sees
+    # the feature map's raw output, whose scale follows the observation's.
+    _, setup = param_shapes(TINY_PAPER)
+    _, setup_off = param_shapes(dataclasses.replace(TINY_PAPER, paper_input_norm=False))
+    assert setup.network.input_norm and not setup_off.network.input_norm
+    N = 2
+    obs = 50.0 * jnp.ones((1, N, setup.venv.obs_dim))
+    args = (setup.network.initialize_carry((N,)), obs, jnp.ones((1, N), bool))
+    aux = jnp.zeros((1, N), jnp.int32)
+    params = setup.network.init(jax.random.key(1), *args, aux)
+    _, logits_on, _ = setup.network.apply(params, *args, aux)
+    _, logits_off, _ = setup_off.network.apply(params, *args, aux)
+    assert not np.allclose(logits_on, logits_off, rtol=1e-3)
+    for bad in (dict(paper_memory_input=0), dict(paper_readout=-1)):
+        with pytest.raises(ValueError, match="--paper-"):
+            train.validate(dataclasses.replace(TINY_PAPER, **bad))
+
+
+def test_paper_feature_map_and_bias_knobs():
+    """--no-paper-feature-map feeds the observation (and the appended step encoding) straight to
+    the preprocessor; --paper-bias-init zeros starts every bias at 0, torch (the authors') at
+    U(±1/√fan_in), drawn per layer; the weights are the same either way."""
+    no_map = dict(paper_feature_map=False, paper_input_norm=False, paper_time_embedding="append")
+    shapes, setup = param_shapes(dataclasses.replace(TINY_PAPER, **no_map))
+    assert "feature_map" not in shapes
+    assert shapes["preprocessor"]["Dense_0"]["kernel"] == (setup.venv.obs_dim + 16, 64)
+    for bad in (dict(no_map, paper_input_norm=True), dict(no_map, paper_time_embedding="blend")):
+        with pytest.raises(ValueError, match="--no-paper-feature-map"):
+            train.validate(dataclasses.replace(TINY_PAPER, **bad))
+    # The GRU has no time embedding, so it needs only --no-paper-input-norm.
+    gru = dict(no_map, memory="gru", paper_time_embedding="blend")
+    train.validate(dataclasses.replace(TINY_PAPER, **gru))
+
+    def init(**kw):
+        _, setup = param_shapes(dataclasses.replace(TINY_PAPER, **kw))
+        N = 2
+        args = (setup.network.initialize_carry((N,)), jnp.ones((1, N, setup.venv.obs_dim)))
+        args += (jnp.ones((1, N), bool), jnp.zeros((1, N), jnp.int32))
+        return setup.network.init(jax.random.key(1), *args)["params"]
+
+    torch, zeros = init(), init(paper_bias_init="zeros")
+    for layer in ("feature_map", "preprocessor", "postprocessor", "actor_hidden", "critic_out"):
+        dense_t, dense_z = torch[layer]["Dense_0"], zeros[layer]["Dense_0"]
+        np.testing.assert_array_equal(dense_t["kernel"], dense_z["kernel"])
+        np.testing.assert_array_equal(dense_z["bias"], 0.0)
+        bound = 1.0 / math.sqrt(dense_t["kernel"].shape[0])
+        b = np.asarray(dense_t["bias"])
+        assert np.all(np.abs(b) <= bound) and np.all(b != 0), layer
+        if b.size > 8:  # spread like U(±bound), whose std is 0.58 bound
+            assert np.std(b) > 0.3 * bound, layer
+
+
 @pytest.mark.parametrize("agent", ["default", "paper"])
 def test_memory_flags_reach_the_memory_in_both_agents(agent):
     """--theta-init and --memory-method configure SHM, --memory-unroll the GRU, in either agent

@@ -82,6 +82,14 @@ def test_memory_trace_is_the_layer_on_the_networks_inputs(replay):
         carry, out = fn(params, carry, *(s[a:b] for s in seq))
         parts.append(np.asarray(out["M"][:, 0]))
     np.testing.assert_allclose(np.concatenate(parts), trace["M"], rtol=1e-5, atol=1e-6)
+    # method="vectors": the layer's per-step vectors on the same inputs
+    _, vec = train.make_memory_trace(setup, method="vectors")(params, carry0, *seq)
+    ref = setup.memory.apply(
+        mem_params, setup.memory.initialize_carry((1,)), x, *seq[1:], method="vectors"
+    )
+    assert vec["k"].shape == (T, 1, H)
+    for k in ("x_hat", "k", "q", "theta"):
+        np.testing.assert_allclose(vec[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
 def test_memory_trace_needs_shm_and_held_out_needs_meta(replay):

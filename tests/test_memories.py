@@ -93,18 +93,25 @@ def numpy_shm(p, M, x, resets, aux, calibration, record=None):
         M = C * M + U
         if record is not None:
             for name, value in (("C", C), ("U", U), ("M", M)):
-                record[name].append(np.broadcast_to(value, M.shape).copy())
+                if name in record:
+                    record[name].append(np.broadcast_to(value, M.shape).copy())
+            vectors = dict(x_hat=xh, k=k, q=q, eta_v=eta * v)
+            if calibration in ("shm", "single_theta"):
+                vectors.update(theta=theta, c=c)
+            for name, value in vectors.items():
+                if name in record:
+                    record[name].append(value)
         y = np.einsum("bij,bj->bi", M, q) + xh @ Ws + bs
         outs.append(y @ Wo + bo)
     return np.stack(outs), M
 
 
 @pytest.mark.parametrize("calibration", ["shm", "none", "fixed", "single_theta"])
-@pytest.mark.parametrize("method", ["sequential", "associative", "chunked", "pallas"])
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked", "pallas", "native"])
 def test_shm_matches_numpy_reference(calibration, method, inputs):
     x, resets = inputs
-    if method == "pallas" and calibration in ("none", "fixed"):
-        with pytest.raises(ValueError, match="method 'pallas' computes C_t = 1 \\+ tanh"):
+    if method in ("pallas", "native") and calibration in ("none", "fixed"):
+        with pytest.raises(ValueError, match=f"method '{method}' computes C_t = 1 \\+ tanh"):
             SHM(size=H, calibration=calibration, method=method)
         return
     with jax.enable_x64(True):
@@ -168,6 +175,26 @@ def test_memory_trace_matches_numpy_loop_and_the_layer(calibration, inputs):
     np.testing.assert_allclose(np.asarray(trace["M"][-1]), np.asarray(M_last), rtol=1e-5, atol=1e-6)
     if calibration == "shm":
         assert float(trace["C"].min()) > 0 and float(trace["C"].max()) < 2
+
+
+@pytest.mark.parametrize("calibration", ["shm", "none"])
+def test_vectors_match_numpy_loop(calibration, inputs):
+    """`SHM.vectors` (for inspection) gives the spec's x̂_t, k_t, q_t, η_t v_t (and θ_t, c_t for
+    θ calibration) at every step, as the float64 loop computes them."""
+    x, resets = inputs
+    module = SHM(size=H, calibration=calibration)
+    aux = module.sample_aux(jax.random.PRNGKey(5), (T, B))
+    carry = module.initialize_carry((B,))
+    params = module.init(jax.random.PRNGKey(7), carry, x, resets, aux)
+    got = module.apply(params, carry, x, resets, aux, method="vectors")
+    names = ["x_hat", "k", "q", "eta_v"] + (["theta", "c"] if calibration == "shm" else [])
+    assert sorted(got) == sorted(names)
+    record = {name: [] for name in names}
+    numpy_shm(params["params"], carry, x, resets, aux, calibration, record)
+    for name in names:
+        ref = np.stack(record[name])
+        assert got[name].shape == ref.shape, name
+        np.testing.assert_allclose(np.asarray(got[name]), ref, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_memory_trace_with_clamp_matches_the_layer(inputs):
@@ -297,7 +324,7 @@ def test_gru_unroll_changes_nothing_but_speed(inputs):
         assert np.max(np.abs(a - b)) <= 4 * np.finfo(np.float32).eps * np.max(np.abs(a))
 
 
-@pytest.mark.parametrize("method", ["sequential", "associative", "chunked", "pallas"])
+@pytest.mark.parametrize("method", ["sequential", "associative", "chunked", "pallas", "native"])
 def test_shm_overflowed_memory_is_forgotten_at_a_reset(method, inputs):
     """An inf carried memory must not leak NaN past a reset (a select, not a product 0 · inf)."""
     x, _ = inputs
