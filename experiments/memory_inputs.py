@@ -112,9 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--episodes", type=int, default=16, help="episodes per seed")
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the cells")
     p.add_argument("--init-only", action="store_true", help="skip the trained params")
-    p.add_argument("--out", default="results/paper_agent/memory_inputs.json")
+    p.add_argument(
+        "--out",
+        default="results/paper_agent/memory_inputs.json",
+        help="json of every cell's statistics; updated cell by cell (other cells' rows stay)",
+    )
     args = p.parse_args(argv)
-    rows = {}
+    rows = report.read_json(args.out)  # what --out holds already stays, unless recomputed here
     cols = [f"{n} {w}" for n in ("const_x", "obs_share", "time_share", "key_cos") for w in WHEN]
     print("| cell | final ×100 | " + " | ".join(cols) + " |")
     print("|---|---:|" + "---:|" * len(cols))
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             with_trained=not args.init_only,
         )
         rows[f"{cell.env}/{cell.variant}"] = dict(final=list(map(float, cell.final)), **stats)
+        report.write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
 
         def fmt(when, name, stats=stats):
             v = [r[name] for r in stats[when]]
@@ -137,7 +142,6 @@ def main(argv: list[str] | None = None) -> None:
             fmt(w, n) for n in ("const_x", "obs_share", "time_share", "key_cos") for w in WHEN
         ]
         print(f"| {cell.variant} | {report.fmt_x100(cell.final)} | " + " | ".join(values) + " |")
-    report.write_atomic(args.out, json.dumps(rows, indent=2) + "\n")
     print(f"-> {args.out}")
 
 

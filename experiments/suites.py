@@ -116,8 +116,11 @@ PAPER_AGENT_ABLATION: dict[str, dict[str, Any]] = {
     "shm32_zero_bias_no_input_norm_append": dict(
         paper_bias_init="zeros", paper_input_norm=False, paper_time_embedding="append"
     ),
-    "shm128_zero_bias_no_input_norm": dict(
-        paper_bias_init="zeros", paper_input_norm=False, memory_size=128
+    "shm128_zero_bias_no_input_norm_append": dict(
+        paper_bias_init="zeros",
+        paper_input_norm=False,
+        paper_time_embedding="append",
+        memory_size=128,
     ),
 }
 

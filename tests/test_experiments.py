@@ -338,6 +338,24 @@ def test_suites_build_their_cells_with_the_settings_that_matter(tmp_path, capsys
         "memory_size", suites.parser().parse_args(["run", "memory_size"]), []
     )
     assert sorted({c.config.mem_size for c in sizes}) == [8, 16, 32, 64, 128]
+    # Every paper-agent ablation cell is a valid config (build_cells builds each network).
+    paper = suites.build_cells(
+        "paper_agent", suites.parser().parse_args(["run", "paper_agent"]), []
+    )
+    by_variant = {c.variant: c.config for c in paper}
+    assert {c.agent for c in by_variant.values()} == {"paper"}
+    base, swapped = by_variant["shm32"], by_variant["shm32_all_swapped"]
+    assert (base.paper_bias_init, base.paper_feature_map, base.paper_input_norm) == (
+        "torch",
+        True,
+        True,
+    )
+    assert (swapped.paper_bias_init, swapped.paper_feature_map, swapped.paper_heads) == (
+        "zeros",
+        False,
+        "default",
+    )
+    assert by_variant["shm128_zero_bias_no_input_norm_append"].mem_size == 128
 
     for argv, words in (
         (["run", "nope"], "unknown suite 'nope'"),
@@ -365,3 +383,23 @@ def test_differences_skip_fields_that_do_nothing_in_a_cell():
         "lr=0.0003, theta_init=xavier_abs",
     ]
     assert report.config_differences(cells[:2]) == ["—", "—"]
+
+
+def test_memory_inputs_variance_shares():
+    """`explained` is the between-group share of the variance: 1 when the groups determine x, 0
+    when every group has the same mean, and the textbook value on a small worked case;
+    `step_index` restarts at each reset."""
+    from experiments import memory_inputs
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(4), 5)
+    means = rng.normal(size=(4, 3))
+    assert memory_inputs.explained(means[groups], groups) == pytest.approx(1.0)
+    noise = rng.normal(size=(20, 3))
+    same_means = noise - np.stack([noise[groups == g].mean(0) for g in groups])
+    assert memory_inputs.explained(same_means, groups) == pytest.approx(0.0, abs=1e-12)
+    # 1-d: x = [0, 2, 4, 6], groups {0, 0, 1, 1}: group means 1 and 5 about 3 -> 16 of 20
+    x = np.array([[0.0], [2.0], [4.0], [6.0]])
+    assert memory_inputs.explained(x, np.array([0, 0, 1, 1])) == pytest.approx(16 / 20)
+    reset = np.array([True, False, False, True, False])
+    np.testing.assert_array_equal(memory_inputs.step_index(reset), [0, 1, 2, 0, 1])
