@@ -350,10 +350,15 @@ def plot_curves(
     if env_order is not None:
         envs.sort(key=lambda e: (env_order.index(e) if e in env_order else len(env_order), e))
     variants = list(dict.fromkeys(c.variant for c in cells))
-    colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    # Past 10 variants: 20 colours, and one legend beside the panels instead of one in each.
+    many = len(variants) > 10
+    palette = plt.get_cmap("tab20") if many else None
+    colors = {v: palette(i % 20) if many else f"C{i % 10}" for i, v in enumerate(variants)}
     ncols = min(4, max(1, len(envs)))
     nrows = max(1, math.ceil(len(envs) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+    width = 4 * ncols + (4 if many else 0)
+    height = 3 * nrows + (0.15 * len(variants) if many else 0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     for ax, env in zip(axes.flat, envs, strict=False):
         for c in cells:
             if c.env != env:
@@ -363,10 +368,18 @@ def plot_curves(
         ax.set_xlabel("env steps (per seed)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if not many:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(envs) :]:
         ax.axis("off")
-    fig.tight_layout()
+    if many:
+        legend = {}
+        for ax in axes.flat:
+            legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+        fig.legend(legend.values(), legend.keys(), fontsize=7, loc="center right")
+        fig.tight_layout(rect=(0, 0, 1 - 4 / width, 1))
+    else:
+        fig.tight_layout()
     write_figure_atomic(fig, path)
     plt.close(fig)
 
