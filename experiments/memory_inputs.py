@@ -38,10 +38,10 @@ from experiments import report
 WHEN = ("init", "trained")
 
 
-def statistics(cfg: train.Config, setup: train.Setup, params, key, episodes: int) -> dict:
-    """const_x and key_cos of one seed's params over `episodes` episodes it plays."""
+def statistics(cfg: train.Config, setup: train.Setup, trace, params, key, episodes: int) -> dict:
+    """const_x, obs_share, time_share and key_cos of one seed's params over `episodes` episodes
+    it plays; `trace` is `train.make_memory_trace(setup, method="vectors")`, built once."""
     ep = train.replay_episode(cfg, setup, params, key, num_episodes=episodes)
-    trace = train.make_memory_trace(setup, method="vectors")
     seq = [jnp.asarray(ep[k])[:, None] for k in ("obs", "reset", "aux")]
     _, vec = trace(params, setup.network.initialize_carry((1,)), *seq)
     x_hat = np.asarray(vec["x_hat"][:, 0], np.float64)  # [T, d]
@@ -90,14 +90,15 @@ def cell_statistics(results_dir: str, scratch_dir: str, episodes: int, with_trai
     if with_trained and os.path.exists(os.path.join(scratch_dir, "params.msgpack")):
         trained = run.load_run(scratch_dir)[1]
     init_fn = jax.jit(train.make_train(small).init)
+    trace = train.make_memory_trace(setup, method="vectors")  # one compile for the cell
     out = {"init": [], "trained": []}
     for s in range(cfg.num_seeds):
         replay_key = jax.random.fold_in(keys[s], 1)
         init = train.one_seed(init_fn(keys[s : s + 1]).params)
-        out["init"].append(statistics(cfg, setup, init, replay_key, episodes))
+        out["init"].append(statistics(cfg, setup, trace, init, replay_key, episodes))
         if trained is not None:
             params = train.one_seed(trained, s)
-            out["trained"].append(statistics(cfg, setup, params, replay_key, episodes))
+            out["trained"].append(statistics(cfg, setup, trace, params, replay_key, episodes))
     return out
 
 
