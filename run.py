@@ -708,9 +708,11 @@ def nonfinite_warning(cfg: Config, first_update: int, metrics: dict) -> str | No
         return None
     update, seed = np.argwhere(bad)[0]
     fix = (
-        " SHM's memory overflowed float32: on episodes longer than ~100 steps use "
-        "--theta-init xavier (README, 'Credit assignment')."
-        if cfg.memory.startswith("shm") and cfg.theta_init == "xavier_abs"
+        " SHM's memory overflowed float32: on episodes longer than ~100 steps add "
+        "--calib-init zeros, or use --theta-init xavier (README, 'A bounded |Xavier| start')."
+        if cfg.memory.startswith("shm")
+        and cfg.theta_init == "xavier_abs"
+        and cfg.calib_init == "lecun"
         else " Lower --lr, or check the env's rewards."
     )
     return (

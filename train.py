@@ -76,6 +76,11 @@ class Config:
     stays positive every C_t entry of a column exceeds 1, and on episodes of 100+ steps (Wind,
     Visual Match) the memory overflows float32 in the first update (README, "Why SHM learned
     slowly")."""
+    calib_init: Literal["lecun", "zeros"] = "lecun"
+    """SHM with θ calibration (either agent): initialisation of W_c, c_t = W_c x̂_t
+    (`shm_jax.SHM.calib_init`): lecun (flax's default) or zeros (c_t = 0, so C_t = 1 at the
+    start; W_c learns from the first update). With --theta-init xavier_abs: shared signs in Θ
+    without the first-update overflow on long episodes (README, "A bounded |Xavier| start")."""
     memory_method: Literal["auto", "sequential", "associative", "chunked", "pallas", "native"] = (
         "auto"
     )
@@ -304,6 +309,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.memory_unroll < 0:
         raise ValueError("--memory-unroll must be >= 1, or 0 for the backend's default")
+    if cfg.calib_init != "lecun" and cfg.memory not in ("shm", "shm_single"):
+        raise ValueError(
+            f"--calib-init is for SHM with θ calibration (--memory shm or shm_single); "
+            f"--memory {cfg.memory} has no W_c (drop the flag)"
+        )
     for name in ("memory_size", "hidden", "num_envs", "num_steps", "num_epochs"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -642,6 +652,8 @@ def make_env_and_network(cfg: Config) -> Setup:
     pixel_dims = venv.pixel_dims  # 0..255 pixel values the network scales to [0, 1]
     is_shm = cfg.memory.startswith("shm")
     extra = {"method": cfg.memory_method, "theta_init": cfg.theta_init} if is_shm else {}
+    if cfg.calib_init != "lecun":  # validate: only shm and shm_single have W_c
+        extra["calib_init"] = cfg.calib_init
     if cfg.memory == "gru":
         extra["unroll"] = cfg.memory_unroll or None
     if cfg.agent == "paper":

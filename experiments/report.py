@@ -261,10 +261,12 @@ def random_level(cell: CellResult, metric: str = METRIC) -> float | None:
 
 def _applies(key: str, config: dict) -> bool:
     """Whether a config field does anything in this run (theta_init and memory_method only for
-    SHM memories, memory_unroll only for the GRU)."""
+    SHM memories, calib_init only for θ-calibrated ones, memory_unroll only for the GRU)."""
     memory = str(config.get("memory", "shm"))
     if key in ("theta_init", "memory_method"):
         return memory.startswith("shm")
+    if key == "calib_init":
+        return memory in ("shm", "shm_single")
     return key != "memory_unroll" or memory == "gru"
 
 

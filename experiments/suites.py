@@ -26,7 +26,9 @@ results used; the paper's is in `paper_budget`).
   `meta` preset (stable PPO for continuous control); headline metric the return on the
   held-out tasks (`eval_return`). The paper used SAC; this is PPO.
 - calibration: SHM against its calibration ablations (`shm_nocal`, `shm_fixed`,
-  `shm_single`) on RepeatPreviousEasy, the POPGym task on which our SHM learns on a CPU budget.
+  `shm_single`) and its starts (`shm_abs`: |Xavier| Θ; `shm_c0`, `shm_abs_c0`: W_c at 0) on
+  RepeatPreviousEasy, the POPGym task on which our SHM learns on a CPU budget. The
+  credit-assignment and meta-RL suites also run `shm_abs_c0`, the bounded |Xavier| start.
 - paper_agent: which part of the SHM authors' POPGym agent slows SHM. Their agent (SHM(32),
   Xavier Θ) on RepeatPreviousEasy under our default PPO, with its parts swapped for the default
   agent's one at a time, then together (`PAPER_AGENT_ABLATION`).
@@ -122,6 +124,11 @@ PAPER_AGENT_ABLATION: dict[str, dict[str, Any]] = {
         paper_time_embedding="append",
         memory_size=128,
     ),
+    # The authors' POPGym code draws θ's row index as uniform(0, 1) cast to an integer, which is
+    # always 0 (shm.md, "disagree" item 1): their agent ran with the single row Θ[0], and the
+    # paper's POPGym numbers come from that. Their agent as it ran, at H = 32 and at H = 128.
+    "shm32_single": dict(memory="shm_single"),
+    "shm128_single": dict(memory="shm_single", memory_size=128),
 }
 
 SUITES: dict[str, Suite] = {
@@ -129,6 +136,9 @@ SUITES: dict[str, Suite] = {
         envs=("VisualMatch-250", "VisualMatch-500", "KeyToDoor-250", "KeyToDoor-500"),
         variants={
             "shm": dict(memory="shm", memory_size=24),
+            "shm_abs_c0": dict(
+                memory="shm", memory_size=24, theta_init="xavier_abs", calib_init="zeros"
+            ),
             "gru": dict(memory="gru", memory_size=128),
             "lru": dict(memory="lru", memory_size=128),
         },
@@ -140,7 +150,11 @@ SUITES: dict[str, Suite] = {
     ),
     "meta_rl": Suite(
         envs=("Wind-10-190", "Wind-50-150", "PointRobot-10-190", "PointRobot-50-150"),
-        variants={"shm": dict(memory="shm"), "gru": dict(memory="gru")},
+        variants={
+            "shm": dict(memory="shm"),
+            "shm_abs_c0": dict(memory="shm", theta_init="xavier_abs", calib_init="zeros"),
+            "gru": dict(memory="gru"),
+        },
         preset="meta",
         metric="eval_return",
         total_timesteps=1_000_000,
@@ -151,6 +165,9 @@ SUITES: dict[str, Suite] = {
         variants={
             **{m: dict(memory=m) for m in ("shm", "shm_nocal", "shm_fixed", "shm_single")},
             "shm_abs": dict(memory="shm", theta_init="xavier_abs"),  # the |Xavier| start
+            # W_c at 0: C_t = 1 at the start, with the paper's Θ and with the |Xavier| one
+            "shm_c0": dict(memory="shm", calib_init="zeros"),
+            "shm_abs_c0": dict(memory="shm", theta_init="xavier_abs", calib_init="zeros"),
         },
         metric="episode_return",
         total_timesteps=1_000_000,

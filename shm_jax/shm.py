@@ -53,6 +53,7 @@ def layer_method(T: int, batch: int, H: int, *, fused: bool, backend: str | None
 LAYER_METHODS = (*METHODS, "pallas", "native")
 FUSED_ONLY = ("pallas", "native")  # forms that need θ calibration and no clamp
 THETA_INITS = ("xavier", "xavier_abs")
+CALIB_INITS = ("lecun", "zeros")
 
 
 def factored_read(theta, c, eta_v, k, q, resets, memory, chunk: int = DEFAULT_CHUNK):
@@ -112,6 +113,11 @@ class SHM(nn.Module):
       theta_init: "xavier" (Xavier-uniform, the paper's) or "xavier_abs" (its absolute value:
         every row starts with the same signs, so the sign of θ_t[i]·c_t[j] is set by the learned
         c_t rather than by which row was drawn; the model is unchanged, only its start).
+      calib_init: the calibration projection W_c (c_t = W_c x̂_t): "lecun" (flax's default
+        LeCun-normal) or "zeros" (c_t = 0 at the start, so every C_t = 1 and the memory starts
+        by accumulating; W_c still gets the gradient Σ_i θ_t[i] ∂L/∂C_t[i, j] from the first
+        step). With "xavier_abs" it gives every row shared signs without the geometric growth
+        of a column whose c_t[j] stays positive. Only for θ calibration.
       calibration: "shm" (C = 1 + tanh(θ_t c_tᵀ), θ_t a random row per step; the paper),
         "none" (C = 1: memory only accumulates), "fixed" (C = a learned input-independent H×H
         matrix: the paper's Prop. 3 design), "single_theta" (always Θ[0]: what the authors'
@@ -133,6 +139,7 @@ class SHM(nn.Module):
     features: int | None = None
     num_thetas: int = 128
     theta_init: str = "xavier"
+    calib_init: str = "lecun"
     calibration: str = "shm"
     clamp: float | None = None
     method: str = "auto"
@@ -146,6 +153,10 @@ class SHM(nn.Module):
         if self.theta_init not in THETA_INITS:
             raise ValueError(
                 f"unknown theta_init {self.theta_init!r}; choose one of {', '.join(THETA_INITS)}"
+            )
+        if self.calib_init not in CALIB_INITS:
+            raise ValueError(
+                f"unknown calib_init {self.calib_init!r}; choose one of {', '.join(CALIB_INITS)}"
             )
         if self.method not in LAYER_METHODS:
             raise ValueError(
@@ -203,7 +214,13 @@ class SHM(nn.Module):
             xavier = nn.initializers.xavier_uniform()
             init = xavier if self.theta_init == "xavier" else lambda *a: jnp.abs(xavier(*a))
             self.theta = self.param("theta", init, (self.num_thetas, H), self.dtype)
-            self.calib_proj = dense(H)
+            self.calib_proj = nn.Dense(
+                H,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.dtype,
+                **({"kernel_init": nn.initializers.zeros} if self.calib_init == "zeros" else {}),
+            )
 
     def _vectors(self, x, aux):
         """The per-step vectors, each [T, B, H]: θ_t, c_t (None unless calibrated by θ), η_t v_t,

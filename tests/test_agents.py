@@ -244,14 +244,30 @@ def test_paper_feature_map_and_bias_knobs():
 
 @pytest.mark.parametrize("agent", ["default", "paper"])
 def test_memory_flags_reach_the_memory_in_both_agents(agent):
-    """--theta-init and --memory-method configure SHM, --memory-unroll the GRU, in either agent
-    (0 = the backend's choice: None on the module)."""
+    """--theta-init, --calib-init and --memory-method configure SHM, --memory-unroll the GRU, in
+    either agent (0 = the backend's choice: None on the module); --calib-init zeros starts W_c at
+    0 and leaves every other parameter as the default draws it."""
     base = dataclasses.replace(TINY_PAPER, agent=agent)
-    shm = train.make_env_and_network(
-        dataclasses.replace(base, theta_init="xavier_abs", memory_method="chunked")
-    ).memory
-    assert (shm.theta_init, shm.method) == ("xavier_abs", "chunked")
-    assert train.make_env_and_network(base).memory.method == "auto"
+    flags = dict(theta_init="xavier_abs", memory_method="chunked", calib_init="zeros")
+    setup = train.make_env_and_network(dataclasses.replace(base, **flags))
+    shm = setup.memory
+    assert (shm.theta_init, shm.method, shm.calib_init) == ("xavier_abs", "chunked", "zeros")
+    default = train.make_env_and_network(base)
+    assert (default.memory.method, default.memory.calib_init) == ("auto", "lecun")
+
+    def init(setup, N=2):
+        args = (setup.network.initialize_carry((N,)), jnp.ones((1, N, setup.venv.obs_dim)))
+        args += (jnp.ones((1, N), bool), jnp.zeros((1, N), jnp.int32))
+        params = setup.network.init(jax.random.key(1), *args)
+        return jax.tree_util.tree_flatten_with_path(params)[0]
+
+    zeros, lecun = init(setup), init(default)
+    for (path, a), (_, b) in zip(zeros, lecun, strict=True):
+        name = jax.tree_util.keystr(path)
+        if "calib_proj" in name:
+            assert not np.any(a) and np.any(b), name
+        elif "theta" not in name:
+            np.testing.assert_array_equal(a, b, err_msg=name)
     gru = lambda **kw: train.make_env_and_network(dataclasses.replace(base, memory="gru", **kw))
     assert gru(memory_unroll=16).memory.unroll == 16
     assert gru().memory.unroll is None

@@ -12,9 +12,11 @@ import os
 import shutil
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+import envs
 import train
 from experiments import grid, popgym, report
 
@@ -316,8 +318,9 @@ def test_suites_build_their_cells_with_the_settings_that_matter(tmp_path, capsys
         ]
     )
     cells = suites.build_cells("credit_assignment", args, [])
+    variants = ("shm", "shm_abs_c0", "gru", "lru")
     assert [c.name for c in cells] == [
-        f"{e}/{m}" for e in ("VisualMatch-500", "KeyToDoor-250") for m in ("shm", "gru", "lru")
+        f"{e}/{m}" for e in ("VisualMatch-500", "KeyToDoor-250") for m in variants
     ]
     by_name = {c.name: c.config for c in cells}
     # one rollout = one whole episode (15 + 500 + 10 and 10 + 250 + 3 steps)
@@ -325,6 +328,13 @@ def test_suites_build_their_cells_with_the_settings_that_matter(tmp_path, capsys
     assert by_name["KeyToDoor-250/lru"].num_steps == 263
     shm = by_name["VisualMatch-500/shm"]
     assert (shm.memory_size, shm.theta_init, shm.num_seeds) == (24, "xavier", 2)
+    bounded = by_name["KeyToDoor-250/shm_abs_c0"]
+    assert (bounded.memory_size, bounded.theta_init, bounded.calib_init) == (
+        24,
+        "xavier_abs",
+        "zeros",
+    )
+    assert shm.calib_init == "lecun"
     assert cells[0].results_dir == str(
         tmp_path / "r" / "credit_assignment" / "VisualMatch-500" / "shm"
     )
@@ -356,6 +366,10 @@ def test_suites_build_their_cells_with_the_settings_that_matter(tmp_path, capsys
         "default",
     )
     assert by_variant["shm128_zero_bias_no_input_norm_append"].mem_size == 128
+    assert (by_variant["shm128_single"].memory, by_variant["shm128_single"].mem_size) == (
+        "shm_single",
+        128,
+    )
 
     for argv, words in (
         (["run", "nope"], "unknown suite 'nope'"),
@@ -403,3 +417,48 @@ def test_memory_inputs_variance_shares():
     assert memory_inputs.explained(x, np.array([0, 0, 1, 1])) == pytest.approx(16 / 20)
     reset = np.array([True, False, False, True, False])
     np.testing.assert_array_equal(memory_inputs.step_index(reset), [0, 1, 2, 0, 1])
+
+
+def scripted_repeat_previous(lag: int, episodes: int = 4) -> dict:
+    """A replay dict (as `train.replay_episode` returns) of RepeatPreviousEasy played by a
+    policy that names the suit shown `lag` steps back (suit 0 before there is one)."""
+    env, params = envs.make("RepeatPreviousEasy")
+    step = jax.jit(env.step_env)
+    rec = {k: [] for k in ("obs", "reset", "action", "reward", "episode")}
+    key = jax.random.PRNGKey(7)
+    for e in range(episodes):
+        key, k = jax.random.split(key)
+        obs, state = env.reset_env(k, params)
+        seen, done, first = [], False, True
+        while not done:
+            seen.append(int(np.argmax(obs)))
+            action = seen[-1 - lag] if len(seen) > lag else 0
+            key, k = jax.random.split(key)
+            rec["obs"].append(np.asarray(obs))
+            obs, state, reward, done, _ = step(k, state, action, params)
+            rec["reset"].append(first)
+            rec["action"].append(action)
+            rec["reward"].append(reward)
+            rec["episode"].append(e)
+            first, done = False, bool(done)
+    return {k: np.asarray(v, np.float32 if k == "reward" else None) for k, v in rec.items()}
+
+
+def test_recall_names_the_lag_a_scripted_policy_answers_with():
+    """On replays of scripted policies: the right one (lag 3 on Easy) scores accuracy 1 with
+    lag_match[3] = 1; one that names the card 2 back has lag_match[2] = 1 and about chance
+    elsewhere; a wrong k is refused rather than scored against the wrong card."""
+    from experiments import recall
+
+    right = recall.recall_statistics(scripted_repeat_previous(3), k=4, max_lag=5)
+    assert right["accuracy"] == 1.0 and right["lag_match"][3] == 1.0
+    confusion = np.asarray(right["confusion"])
+    assert confusion.sum() == right["scored_steps"] == 4 * 48
+    assert np.count_nonzero(confusion - np.diag(np.diag(confusion))) == 0
+    early = recall.recall_statistics(scripted_repeat_previous(2), k=4, max_lag=5)
+    assert early["lag_match"][2] == 1.0
+    assert early["accuracy"] == pytest.approx(early["lag_match"][3])
+    others = [early["lag_match"][j] for j in (0, 1, 3, 4, 5)]
+    assert max(others) < 0.45 and early["accuracy"] < 0.45
+    with pytest.raises(ValueError, match="k = 3"):
+        recall.recall_statistics(scripted_repeat_previous(3, episodes=1), k=3, max_lag=5)

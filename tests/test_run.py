@@ -304,5 +304,8 @@ def test_nonfinite_warning_names_the_update_seed_and_fix():
     bad["grad_norm"][2, 0] = np.inf
     line = run.nonfinite_warning(dataclasses.replace(TINY, theta_init="xavier_abs"), 10, bad)
     assert "update 12, seed 1" in line and "--theta-init xavier" in line  # the first bad row
+    assert "--calib-init zeros" in line
+    bounded = dataclasses.replace(TINY, theta_init="xavier_abs", calib_init="zeros")
+    assert "--calib-init" not in run.nonfinite_warning(bounded, 10, bad)
     gru = run.nonfinite_warning(dataclasses.replace(TINY, memory="gru"), 0, bad)
     assert "update 2, seed 1" in gru and "--theta-init" not in gru and "\n" not in gru
