@@ -129,6 +129,20 @@ PAPER_AGENT_ABLATION: dict[str, dict[str, Any]] = {
     # paper's POPGym numbers come from that. Their agent as it ran, at H = 32 and at H = 128.
     "shm32_single": dict(memory="shm_single"),
     "shm128_single": dict(memory="shm_single", memory_size=128),
+    # The bounded |Xavier| start (README, "A bounded |Xavier| start") in their agent, as it is
+    # and with the three fixes, at H = 32 and 128.
+    "shm32_abs_c0": dict(theta_init="xavier_abs", calib_init="zeros"),
+    **{
+        f"shm{h}_zero_bias_no_input_norm_append_abs_c0": dict(
+            paper_bias_init="zeros",
+            paper_input_norm=False,
+            paper_time_embedding="append",
+            theta_init="xavier_abs",
+            calib_init="zeros",
+            memory_size=h,
+        )
+        for h in (32, 128)
+    },
 }
 
 SUITES: dict[str, Suite] = {

@@ -158,6 +158,11 @@ class SHM(nn.Module):
             raise ValueError(
                 f"unknown calib_init {self.calib_init!r}; choose one of {', '.join(CALIB_INITS)}"
             )
+        if self.calib_init != "lecun" and self.calibration not in CALIBRATED:
+            raise ValueError(
+                f"calib_init={self.calib_init!r} sets W_c, which calibration "
+                f"{self.calibration!r} does not have; it needs calibration in {CALIBRATED}"
+            )
         if self.method not in LAYER_METHODS:
             raise ValueError(
                 f"unknown method {self.method!r}; choose one of {', '.join(LAYER_METHODS)}"

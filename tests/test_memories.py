@@ -220,6 +220,8 @@ def test_registry_errors():
         SHM(size=4, method="fast")
     with pytest.raises(ValueError, match="unknown calib_init 'ones'; choose one of lecun"):
         SHM(size=4, calib_init="ones")
+    with pytest.raises(ValueError, match="calibration 'none' does not have"):
+        SHM(size=4, calibration="none", calib_init="zeros")
     assert {"shm", "gru", "lru", "shm_nocal", "shm_fixed", "shm_single"} <= set(memory_names)
     assert shm_jax.make_memory("shm_fixed", size=3).calibration == "fixed"
 
