@@ -3,9 +3,9 @@
     python -m experiments.recall RUN_DIR [RUN_DIR ...] [--episodes 64] [--max-lag 6] [--out F]
 
 RepeatPrevious pays for naming the suit of the card shown k − 1 steps before the current one
-(k = 4 on Easy, `shared/spec/envs.md`). A policy on a plateau can be half right in more than one way:
-it may recall the right card in only some steps, or recall the cards of about the right time
-without telling them apart. For each seed of each run, the policy acts for `--episodes` episodes
+(k = 4 on Easy, `shared/spec/envs.md`). A policy on a plateau can be half right in more than one
+way: it may recall the right card in only some steps, or recall the cards of about the right
+time without telling them apart. For each seed of each run, the policy acts for `--episodes` episodes
 (`train.replay_episode`, sampled actions and θ rows as in training) and, over the steps that
 are scored, we record:
 - `accuracy`: the share of scored steps whose action is right (chance 0.25);
@@ -94,7 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| run | accuracy | {lags} |")
     print("|---|---:|" + "---:|" * (args.max_lag + 1))
     for run_dir in args.runs:
-        stats = run_statistics(run_dir, args.episodes, args.max_lag)
+        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise SystemExit(f"error: {run_dir!r} is not a run directory (no config.json)")
+        try:
+            stats = run_statistics(run_dir, args.episodes, args.max_lag)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         rows[os.path.normpath(run_dir)] = stats
 
         def fmt(values):
