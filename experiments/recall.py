@@ -5,9 +5,9 @@
 RepeatPrevious pays for naming the suit of the card shown k − 1 steps before the current one
 (k = 4 on Easy, `shared/spec/envs.md`). A policy on a plateau can be half right in more than one
 way: it may recall the right card in only some steps, or recall the cards of about the right
-time without telling them apart. For each seed of each run, the policy acts for `--episodes` episodes
-(`train.replay_episode`, sampled actions and θ rows as in training) and, over the steps that
-are scored, we record:
+time without telling them apart. For each seed of each run, the policy acts for `--episodes`
+episodes (`train.replay_episode`, sampled actions and θ rows as in training) and, over the steps
+that are scored, we record:
 - `accuracy`: the share of scored steps whose action is right (chance 0.25);
 - `lag_match[j]`: the share whose action names the suit shown j steps before the current step
   (j = 0: the current card). The target's lag is the j where it equals `accuracy`; by chance
@@ -26,7 +26,7 @@ import numpy as np
 
 import run
 import train
-from experiments import report
+from experiments import memory_inputs, report
 
 
 def recall_statistics(ep: dict, k: int, max_lag: int) -> dict:
@@ -35,9 +35,7 @@ def recall_statistics(ep: dict, k: int, max_lag: int) -> dict:
     action = np.asarray(ep["action"]).reshape(-1)
     reward = np.asarray(ep["reward"])
     episode = np.asarray(ep["episode"])
-    t = np.zeros(len(suit), np.int64)  # step index inside the episode
-    for i in range(1, len(suit)):
-        t[i] = 0 if ep["reset"][i] else t[i - 1] + 1
+    t = memory_inputs.step_index(np.asarray(ep["reset"], bool))  # step index in the episode
     scored = reward != 0
     lag = k - 1
     target_rows = np.flatnonzero(scored & (t >= lag))
