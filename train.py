@@ -111,6 +111,17 @@ class Config:
     x <- (1 - s)·x + s·pe[t] over the 128 features (s learned, from 0.5); append = our default
     agent's way, a 16-wide encoding appended to the features; off = none. An ablation knob
     (README, "The authors' agent under our PPO")."""
+    paper_append_width: int = 16
+    """Paper agent, --paper-time-embedding append: the appended encoding's width (16, our
+    default agent's; 128 = the authors' blend code, appended instead of added). An ablation knob
+    (README, "Which part of the authors' agent slows SHM")."""
+    paper_append_scale: float = 1.0
+    """Paper agent, --paper-time-embedding append: a fixed factor on the appended encoding (1 =
+    as our default agent has it). An ablation knob, like --paper-append-width."""
+    paper_time_strength: float = 0.5
+    """Paper agent, --paper-time-embedding blend: the start of the learned strength s, in
+    [0, 1] (the authors' 0.5). An ablation knob (README, "Which part of the authors' agent
+    slows SHM")."""
     paper_input_norm: bool = True
     """Paper agent: the LayerNorm (no scale or shift) after the 128-wide feature map, as the
     authors have it. An ablation knob (README, "Which part of the authors' agent slows SHM")."""
@@ -335,6 +346,31 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.time_embedding < 0 or cfg.time_embedding % 2:
         raise ValueError(f"--time-embedding must be an even width >= 0, got {cfg.time_embedding}")
+    if not 0.0 <= cfg.paper_time_strength <= 1.0:
+        raise ValueError(
+            f"--paper-time-strength must be in [0, 1] (the blend's s is clamped there), "
+            f"got {cfg.paper_time_strength}"
+        )
+    if cfg.paper_time_strength != 0.5 and cfg.paper_time_embedding != "blend":
+        raise ValueError(
+            "--paper-time-strength sets where the blended time embedding's s starts: drop it, "
+            "or use --paper-time-embedding blend"
+        )
+    if cfg.paper_append_width < 2 or cfg.paper_append_width % 2:
+        raise ValueError(
+            f"--paper-append-width must be an even width >= 2, got {cfg.paper_append_width}"
+        )
+    if not cfg.paper_append_scale > 0:
+        raise ValueError(f"--paper-append-scale must be > 0, got {cfg.paper_append_scale}")
+    for name, value, default in (
+        ("width", cfg.paper_append_width, 16),
+        ("scale", cfg.paper_append_scale, 1.0),
+    ):
+        if value != default and cfg.paper_time_embedding != "append":
+            raise ValueError(
+                f"--paper-append-{name} sets the {name} of the appended step encoding: add "
+                "--paper-time-embedding append"
+            )
     if cfg.paper_memory_input < 1:
         raise ValueError(f"--paper-memory-input must be >= 1, got {cfg.paper_memory_input}")
     if not cfg.paper_feature_map and (
@@ -493,6 +529,9 @@ class PaperAgent(AgentBase):
     continuous: bool = False
     pixel_dims: int = 0
     time_embedding: str = "blend"  # "blend" (the authors'), "append" (16 wide) or "off"
+    time_strength: float = 0.5  # the blend's learned s starts here (the authors' 0.5)
+    append_width: int = 16  # the appended encoding's width (ablation knob)
+    append_scale: float = 1.0  # a fixed factor on the appended encoding (ablation knob)
     input_norm: bool = True  # the LayerNorm after the feature map (ablation knob)
     memory_input: int = 64  # width of the ReLU preprocessor, the memory's input (ablation knob)
     heads: str = "paper"  # "paper" or "default": `default_heads` on the memory's output (ablation)
@@ -509,10 +548,11 @@ class PaperAgent(AgentBase):
         if self.input_norm:
             x = nn.LayerNorm(use_scale=False, use_bias=False)(x)
         if self.time_embedding == "blend":
-            s = self.param("time_strength", nn.initializers.constant(0.5), ())
+            s = self.param("time_strength", nn.initializers.constant(self.time_strength), ())
             x = (1.0 - s) * x + s * time_encoding(t, 128)
         elif self.time_embedding == "append":
-            x = jnp.concatenate([x, time_encoding(t, 16)], axis=-1)
+            pe = self.append_scale * time_encoding(t, self.append_width)
+            x = jnp.concatenate([x, pe], axis=-1)
         x = nn.relu(Dense(self.memory_input, name="preprocessor")(x))
         mem_carry, y = self.memory(mem_carry, x, resets, aux)
         if self.heads == "default":
@@ -666,6 +706,9 @@ def make_env_and_network(cfg: Config) -> Setup:
             continuous,
             pixel_dims,
             time_embedding=cfg.paper_time_embedding if is_shm else "off",  # their GRU has none
+            time_strength=cfg.paper_time_strength,
+            append_width=cfg.paper_append_width,
+            append_scale=cfg.paper_append_scale,
             input_norm=cfg.paper_input_norm,
             memory_input=cfg.paper_memory_input,
             heads=cfg.paper_heads,

@@ -81,6 +81,9 @@ _ALL_FOUR = dict(
     paper_heads="default",  # the default agent's actor and critic
     paper_time_embedding="append",  # the default agent's 16-wide step encoding
 )
+# The three parts that hold SHM back in the authors' agent, changed (README, "What this says").
+_THREE_FIXES = dict(paper_bias_init="zeros", paper_input_norm=False, paper_time_embedding="append")
+_BOUNDED_START = dict(theta_init="xavier_abs", calib_init="zeros")
 PAPER_AGENT_ABLATION: dict[str, dict[str, Any]] = {
     "shm32": {},  # the authors' agent as it is
     "shm32_xavier_3M": dict(total_timesteps=3_000_000),
@@ -143,6 +146,36 @@ PAPER_AGENT_ABLATION: dict[str, dict[str, Any]] = {
         )
         for h in (32, 128)
     },
+    # The zero-bias cell starts from an input whose variance the observation explains 0.73 of
+    # and the step index 0.27; the cells that learn start from 0.27 and 0.72. Starting the
+    # blend's s at 0.75 gives that mix with their LayerNorm kept, at 0.28 without it.
+    "shm32_zero_bias_strength_075": dict(paper_bias_init="zeros", paper_time_strength=0.75),
+    "shm32_zero_bias_no_input_norm_strength_028": dict(
+        paper_bias_init="zeros", paper_input_norm=False, paper_time_strength=0.28
+    ),
+    # With the bounded start, each of the three fixes put back (and only the biases fixed).
+    **{
+        f"shm32_{name}_abs_c0": dict(theta_init="xavier_abs", calib_init="zeros", **fixes)
+        for name, fixes in (
+            ("no_input_norm_append", dict(paper_input_norm=False, paper_time_embedding="append")),
+            ("zero_bias_append", dict(paper_bias_init="zeros", paper_time_embedding="append")),
+            ("zero_bias_no_input_norm", dict(paper_bias_init="zeros", paper_input_norm=False)),
+            ("zero_bias", dict(paper_bias_init="zeros")),
+        )
+    },
+    # Blend or append: with the bounded start and the three fixes, the blend's own 128-wide
+    # code appended instead of added (the input mix at init is then the blend's, 0.09 / 0.94),
+    # and the blend started at the learners' mix.
+    "shm32_zero_bias_no_input_norm_append128_abs_c0": dict(
+        _THREE_FIXES, paper_append_width=128, **_BOUNDED_START
+    ),
+    # ... and that code scaled by √(16/128) to the 16-wide code's norm (init mix 0.30 / 0.68).
+    "shm32_zero_bias_no_input_norm_append128_norm16_abs_c0": dict(
+        _THREE_FIXES, paper_append_width=128, paper_append_scale=0.354, **_BOUNDED_START
+    ),
+    "shm32_zero_bias_no_input_norm_strength_028_abs_c0": dict(
+        paper_bias_init="zeros", paper_input_norm=False, paper_time_strength=0.28, **_BOUNDED_START
+    ),
 }
 
 SUITES: dict[str, Suite] = {

@@ -169,6 +169,51 @@ def test_paper_time_embedding_variants():
     assert shapes["off"]["preprocessor"]["Dense_0"]["kernel"] == (128, 64)
     assert "time_strength" in shapes["blend"]
     assert "time_strength" not in shapes["append"] and "time_strength" not in shapes["off"]
+    # --paper-time-strength: where the blend's s starts (the authors' 0.5), inside [0, 1]
+    for s0 in (0.5, 0.75):
+        _, setup = param_shapes(dataclasses.replace(TINY_PAPER, paper_time_strength=s0))
+        N = 2
+        args = (setup.network.initialize_carry((N,)), jnp.ones((1, N, setup.venv.obs_dim)))
+        args += (jnp.ones((1, N), bool), jnp.zeros((1, N), jnp.int32))
+        params = setup.network.init(jax.random.key(1), *args)["params"]
+        assert float(params["time_strength"]) == s0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="--paper-time-strength must be in"):
+            train.validate(dataclasses.replace(TINY_PAPER, paper_time_strength=bad))
+    # --paper-append-width: the appended code's width (128: the blend's code, appended)
+    wide = dict(paper_time_embedding="append", paper_append_width=128)
+    wide_shapes, _ = param_shapes(dataclasses.replace(TINY_PAPER, **wide))
+    assert wide_shapes["preprocessor"]["Dense_0"]["kernel"] == (256, 64)
+    for bad, match in (
+        (dict(wide, paper_append_width=15), "even width"),
+        (dict(paper_append_width=128), "add --paper-time-embedding append"),
+        (dict(wide, paper_append_scale=0.0), "--paper-append-scale must be > 0"),
+        (dict(paper_append_scale=0.5), "add --paper-time-embedding append"),
+        (dict(wide, paper_time_strength=0.3), "use --paper-time-embedding blend"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            train.validate(dataclasses.replace(TINY_PAPER, **bad))
+
+
+def test_paper_append_scale_is_a_factor_on_the_code():
+    """--paper-append-scale c with params P acts as scale 1 with the preprocessor's rows for the
+    appended code multiplied by c: the factor reaches the encoding and nothing else."""
+    outs = {}
+    for c in (1.0, 2.5):
+        cfg = dataclasses.replace(TINY_PAPER, paper_time_embedding="append", paper_append_scale=c)
+        setup = train.make_env_and_network(cfg)
+        T, N = 6, 3
+        obs = jax.random.normal(jax.random.key(2), (T, N, setup.venv.obs_dim))
+        resets = jnp.zeros((T, N), bool).at[0].set(True)
+        aux = setup.memory.sample_aux(jax.random.key(0), (T, N))
+        args = (setup.network.initialize_carry((N,)), obs, resets, aux)
+        params = setup.network.init(jax.random.key(1), *args)["params"]
+        if c == 1.0:  # scale 1, the code's rows of the preprocessor x 2.5
+            k = params["preprocessor"]["Dense_0"]["kernel"]
+            params["preprocessor"]["Dense_0"]["kernel"] = k.at[128:].multiply(2.5)
+        outs[c] = jax.tree.leaves(setup.network.apply({"params": params}, *args))
+    for a, b in zip(outs[1.0], outs[2.5], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_paper_agent_ablation_knobs():
