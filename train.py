@@ -118,6 +118,11 @@ class Config:
     paper_append_scale: float = 1.0
     """Paper agent, --paper-time-embedding append: a fixed factor on the appended encoding (1 =
     as our default agent has it). An ablation knob, like --paper-append-width."""
+    paper_append_pad: int = 0
+    """Paper agent, --paper-time-embedding append: this many zeros appended after the encoding.
+    They add nothing to the forward pass and get no gradient; they only widen the
+    preprocessor's fan-in, so its torch-style init starts smaller. An ablation knob, like
+    --paper-append-width."""
     paper_time_strength: float = 0.5
     """Paper agent, --paper-time-embedding blend: the start of the learned strength s, in
     [0, 1] (the authors' 0.5). An ablation knob (README, "Which part of the authors' agent
@@ -362,13 +367,16 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.paper_append_scale > 0:
         raise ValueError(f"--paper-append-scale must be > 0, got {cfg.paper_append_scale}")
+    if cfg.paper_append_pad < 0:
+        raise ValueError(f"--paper-append-pad must be >= 0, got {cfg.paper_append_pad}")
     for name, value, default in (
         ("width", cfg.paper_append_width, 16),
         ("scale", cfg.paper_append_scale, 1.0),
+        ("pad", cfg.paper_append_pad, 0),
     ):
         if value != default and cfg.paper_time_embedding != "append":
             raise ValueError(
-                f"--paper-append-{name} sets the {name} of the appended step encoding: add "
+                f"--paper-append-{name} applies to the appended step encoding: add "
                 "--paper-time-embedding append"
             )
     if cfg.paper_memory_input < 1:
@@ -532,6 +540,7 @@ class PaperAgent(AgentBase):
     time_strength: float = 0.5  # the blend's learned s starts here (the authors' 0.5)
     append_width: int = 16  # the appended encoding's width (ablation knob)
     append_scale: float = 1.0  # a fixed factor on the appended encoding (ablation knob)
+    append_pad: int = 0  # zeros after the appended encoding: only the fan-in grows (ablation knob)
     input_norm: bool = True  # the LayerNorm after the feature map (ablation knob)
     memory_input: int = 64  # width of the ReLU preprocessor, the memory's input (ablation knob)
     heads: str = "paper"  # "paper" or "default": `default_heads` on the memory's output (ablation)
@@ -552,7 +561,8 @@ class PaperAgent(AgentBase):
             x = (1.0 - s) * x + s * time_encoding(t, 128)
         elif self.time_embedding == "append":
             pe = self.append_scale * time_encoding(t, self.append_width)
-            x = jnp.concatenate([x, pe], axis=-1)
+            pad = jnp.zeros((*pe.shape[:-1], self.append_pad), pe.dtype)
+            x = jnp.concatenate([x, pe, pad], axis=-1)
         x = nn.relu(Dense(self.memory_input, name="preprocessor")(x))
         mem_carry, y = self.memory(mem_carry, x, resets, aux)
         if self.heads == "default":
@@ -709,6 +719,7 @@ def make_env_and_network(cfg: Config) -> Setup:
             time_strength=cfg.paper_time_strength,
             append_width=cfg.paper_append_width,
             append_scale=cfg.paper_append_scale,
+            append_pad=cfg.paper_append_pad,
             input_norm=cfg.paper_input_norm,
             memory_input=cfg.paper_memory_input,
             heads=cfg.paper_heads,

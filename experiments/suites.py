@@ -173,6 +173,18 @@ PAPER_AGENT_ABLATION: dict[str, dict[str, Any]] = {
     "shm32_zero_bias_no_input_norm_append128_norm16_abs_c0": dict(
         _THREE_FIXES, paper_append_width=128, paper_append_scale=0.354, **_BOUNDED_START
     ),
+    # ... and codes 32 and 64 wide at the 16-wide code's norm: where between 16 and 128 it breaks.
+    **{
+        f"shm32_zero_bias_no_input_norm_append{w}_norm16_abs_c0": dict(
+            _THREE_FIXES, paper_append_width=w, paper_append_scale=scale, **_BOUNDED_START
+        )
+        for w, scale in ((32, 0.707), (64, 0.5))
+    },
+    # ... and the 16-wide code with 112 zeros after it: the preprocessor's fan-in of the
+    # 128-wide code (256), so its weights start as small, with our code's content.
+    "shm32_zero_bias_no_input_norm_append_pad112_abs_c0": dict(
+        _THREE_FIXES, paper_append_pad=112, **_BOUNDED_START
+    ),
     "shm32_zero_bias_no_input_norm_strength_028_abs_c0": dict(
         paper_bias_init="zeros", paper_input_norm=False, paper_time_strength=0.28, **_BOUNDED_START
     ),

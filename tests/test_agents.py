@@ -190,30 +190,44 @@ def test_paper_time_embedding_variants():
         (dict(wide, paper_append_scale=0.0), "--paper-append-scale must be > 0"),
         (dict(paper_append_scale=0.5), "add --paper-time-embedding append"),
         (dict(wide, paper_time_strength=0.3), "use --paper-time-embedding blend"),
+        (dict(wide, paper_append_pad=-1), "--paper-append-pad must be >= 0"),
+        (dict(paper_append_pad=8), "add --paper-time-embedding append"),
     ):
         with pytest.raises(ValueError, match=match):
             train.validate(dataclasses.replace(TINY_PAPER, **bad))
 
 
-def test_paper_append_scale_is_a_factor_on_the_code():
+def test_paper_append_scale_and_pad_act_on_the_code_only():
     """--paper-append-scale c with params P acts as scale 1 with the preprocessor's rows for the
-    appended code multiplied by c: the factor reaches the encoding and nothing else."""
-    outs = {}
-    for c in (1.0, 2.5):
-        cfg = dataclasses.replace(TINY_PAPER, paper_time_embedding="append", paper_append_scale=c)
+    appended code multiplied by c; --paper-append-pad n adds n inert inputs: with those rows
+    dropped, the unpadded agent gives the same outputs."""
+    T, N = 6, 3
+
+    def build(**knobs):
+        cfg = dataclasses.replace(TINY_PAPER, paper_time_embedding="append", **knobs)
         setup = train.make_env_and_network(cfg)
-        T, N = 6, 3
         obs = jax.random.normal(jax.random.key(2), (T, N, setup.venv.obs_dim))
         resets = jnp.zeros((T, N), bool).at[0].set(True)
         aux = setup.memory.sample_aux(jax.random.key(0), (T, N))
         args = (setup.network.initialize_carry((N,)), obs, resets, aux)
         params = setup.network.init(jax.random.key(1), *args)["params"]
-        if c == 1.0:  # scale 1, the code's rows of the preprocessor x 2.5
-            k = params["preprocessor"]["Dense_0"]["kernel"]
-            params["preprocessor"]["Dense_0"]["kernel"] = k.at[128:].multiply(2.5)
-        outs[c] = jax.tree.leaves(setup.network.apply({"params": params}, *args))
-    for a, b in zip(outs[1.0], outs[2.5], strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        return params, lambda p: jax.tree.leaves(setup.network.apply({"params": p}, *args))
+
+    def assert_same(a, b):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+    p1, apply1 = build()
+    p_scaled, apply_scaled = build(paper_append_scale=2.5)
+    k = p1["preprocessor"]["Dense_0"]["kernel"]  # [128 features + 16 code, 64]
+    p1["preprocessor"]["Dense_0"]["kernel"] = k.at[128:].multiply(2.5)
+    assert_same(apply1(p1), apply_scaled(p_scaled))
+    p_pad, apply_pad = build(paper_append_pad=40)
+    out_pad = apply_pad(p_pad)
+    k = p_pad["preprocessor"]["Dense_0"]["kernel"]
+    assert k.shape == (128 + 16 + 40, 64)
+    p_pad["preprocessor"]["Dense_0"]["kernel"] = k[:144]  # the padded params, pad rows dropped
+    assert_same(out_pad, apply1(p_pad))
 
 
 def test_paper_agent_ablation_knobs():
