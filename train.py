@@ -356,7 +356,10 @@ def validate(cfg: Config) -> None:
             f"--paper-time-strength must be in [0, 1] (the blend's s is clamped there), "
             f"got {cfg.paper_time_strength}"
         )
-    if cfg.paper_time_strength != 0.5 and cfg.paper_time_embedding != "blend":
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    if cfg.paper_time_strength != defaults["paper_time_strength"] and (
+        cfg.paper_time_embedding != "blend"
+    ):
         raise ValueError(
             "--paper-time-strength sets where the blended time embedding's s starts: drop it, "
             "or use --paper-time-embedding blend"
@@ -369,12 +372,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--paper-append-scale must be > 0, got {cfg.paper_append_scale}")
     if cfg.paper_append_pad < 0:
         raise ValueError(f"--paper-append-pad must be >= 0, got {cfg.paper_append_pad}")
-    for name, value, default in (
-        ("width", cfg.paper_append_width, 16),
-        ("scale", cfg.paper_append_scale, 1.0),
-        ("pad", cfg.paper_append_pad, 0),
-    ):
-        if value != default and cfg.paper_time_embedding != "append":
+    for name in ("width", "scale", "pad"):
+        field = f"paper_append_{name}"
+        if getattr(cfg, field) != defaults[field] and cfg.paper_time_embedding != "append":
             raise ValueError(
                 f"--paper-append-{name} applies to the appended step encoding: add "
                 "--paper-time-embedding append"
