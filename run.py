@@ -830,7 +830,7 @@ def evaluate_run(
     cfg, params = load_run(directory)
     setup = train.make_env_and_network(cfg)
     evaluate = train.make_evaluate(cfg, setup, episodes, greedy=greedy)
-    over_seeds = train._seed_map(cfg.num_seeds)
+    over_seeds = train.seed_map(cfg.num_seeds)
     keys = jax.random.split(jax.random.key(seed), cfg.num_seeds)
     metrics = jax.device_get(jax.jit(over_seeds(lambda pk: evaluate(*pk)))((params, keys)))
     random_eval = train.make_evaluate(cfg, setup, episodes, random_policy=True)

@@ -1233,10 +1233,10 @@ def make_train(cfg: Config, progress: Callable[[np.ndarray, dict], None] | None 
         return runner, metrics
 
     def init_seeds(keys: jax.Array) -> RunnerState:
-        return _seed_map(keys.shape[0])(init)(keys)
+        return seed_map(keys.shape[0])(init)(keys)
 
     def updates(runner: RunnerState, length: int, stop: int | None = None):
-        over_seeds = _seed_map(runner.update.shape[0])
+        over_seeds = seed_map(runner.update.shape[0])
 
         def one_update(runner: RunnerState):
             runner, metrics = over_seeds(update)(runner)
@@ -1285,7 +1285,7 @@ def with_matmul_precision(precision: str, fn: Callable) -> Callable:
     return wrapped
 
 
-def _seed_map(num_seeds: int) -> Callable:
+def seed_map(num_seeds: int) -> Callable:
     """How a per-seed function runs over the seed axis: `jax.lax.map` (one seed after another
     inside the same program) for one seed, and for several seeds on a single CPU device;
     `jax.vmap` otherwise (seeds sharded over devices). Under `vmap` the VecEnv's `lax.switch`

@@ -232,7 +232,7 @@ def test_one_seed_runs_unbatched_and_agrees_with_vmap(monkeypatch):
         return lowered.as_text().count("stablehlo.case"), jax.device_get(lowered.compile()(keys)[1])
 
     switches, fast = lower_and_run()
-    monkeypatch.setattr(train, "_seed_map", lambda num_seeds: jax.vmap)
+    monkeypatch.setattr(train, "seed_map", lambda num_seeds: jax.vmap)
     vmap_switches, vmapped = lower_and_run()
     assert switches > vmap_switches, (switches, vmap_switches)
     for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "episode_return"):

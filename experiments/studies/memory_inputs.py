@@ -1,7 +1,7 @@
 """How much of what the SHM layer sees changes from step to step: a diagnostic for the
 `paper_agent` suite (README, "Which part of the authors' agent slows SHM").
 
-    python -m experiments.memory_inputs [--suite-results results/paper_agent] \\
+    python -m experiments.studies.memory_inputs [--suite-results results/paper_agent] \\
         [--runs runs/grid/paper_agent] [--episodes 16] [--out results/paper_agent/memory_inputs.json]
 
 SHM reads y_t = M_t q_t with M_t = Σ_s (Π C) ⊙ (η_s v_s) k_sᵀ, so the weight the read gives to
@@ -104,7 +104,7 @@ def cell_statistics(results_dir: str, scratch_dir: str, episodes: int, with_trai
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m experiments.memory_inputs",
+        prog="python -m experiments.studies.memory_inputs",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -7,8 +7,8 @@ suits (one-hot, 4) and must name, at every step t >= k - 1, the suit shown k - 1
 exactly RepeatPreviousEasy's target (k = 4, 51 steps per episode). It is trained by cross-entropy
 with Adam, fresh sequences every step, and SHM's θ rows drawn at random per step as in training.
 
-    python -m experiments.memory_probe --memory shm --steps 1500
-    python -m experiments.memory_probe --memory shm --time-embedding 0 --theta-scale 0.1
+    python -m experiments.studies.memory_probe --memory shm --steps 1500
+    python -m experiments.studies.memory_probe --memory shm --time-embedding 0 --theta-scale 0.1
 
 It prints the accuracy curve and the number of steps to reach 90% accuracy, and with `--json` one
 JSON line (the ablation in the README collects those).

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import memory_probe
+from experiments.studies import memory_probe
 
 
 def test_scale_params_scales_only_the_named_leaves():

@@ -1,6 +1,6 @@
 """What a trained RepeatPrevious policy answers: which earlier card its action names.
 
-    python -m experiments.recall RUN_DIR [RUN_DIR ...] [--episodes 64] [--max-lag 6] [--out F]
+    python -m experiments.studies.recall RUN_DIR [RUN_DIR ...] [--episodes 64] [--max-lag 6] [--out F]
 
 RepeatPrevious pays for naming the suit of the card shown k − 1 steps before the current one
 (k = 4 on Easy, `shared/spec/envs.md`). A policy on a plateau can be half right in more than one
@@ -26,7 +26,8 @@ import numpy as np
 
 import run
 import train
-from experiments import memory_inputs, report
+from experiments import report
+from experiments.studies import memory_inputs
 
 
 def recall_statistics(ep: dict, k: int, max_lag: int) -> dict:
@@ -78,7 +79,7 @@ def run_statistics(run_dir: str, episodes: int, max_lag: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m experiments.recall",
+        prog="python -m experiments.studies.recall",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

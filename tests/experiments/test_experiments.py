@@ -403,7 +403,7 @@ def test_memory_inputs_variance_shares():
     """`explained` is the between-group share of the variance: 1 when the groups determine x, 0
     when every group has the same mean, and the textbook value on a small worked case;
     `step_index` restarts at each reset."""
-    from experiments import memory_inputs
+    from experiments.studies import memory_inputs
 
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(4), 5)
@@ -448,7 +448,7 @@ def test_recall_names_the_lag_a_scripted_policy_answers_with():
     """On replays of scripted policies: the right one (lag 3 on Easy) scores accuracy 1 with
     lag_match[3] = 1; one that names the card 2 back has lag_match[2] = 1 and about chance
     elsewhere; a wrong k is refused rather than scored against the wrong card."""
-    from experiments import recall
+    from experiments.studies import recall
 
     right = recall.recall_statistics(scripted_repeat_previous(3), k=4, max_lag=5)
     assert right["accuracy"] == 1.0 and right["lag_match"][3] == 1.0

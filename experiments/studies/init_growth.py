@@ -2,9 +2,9 @@
 Xavier-uniform Θ, |Xavier-uniform|, and |Xavier-uniform| with W_c at 0 (README, "The |Xavier|
 start overflows on long episodes"); and, with --runs, the same for trained agents.
 
-    python -m experiments.init_growth [--envs VisualMatch-250 Wind-10-190 RepeatPreviousEasy]
+    python -m experiments.studies.init_growth [--envs VisualMatch-250 Wind-10-190 RepeatPreviousEasy]
         [--seeds 3] [--out results/calibration/init_growth.json]
-    python -m experiments.init_growth --runs RUN_DIR ... [--out results/calibration/trained_growth.json]
+    python -m experiments.studies.init_growth --runs RUN_DIR ... [--out results/calibration/trained_growth.json]
 
 For each env, init and seed: a freshly initialised default agent (SHM, memory size 24 on the
 credit-assignment tasks as in `experiments.suites`, else 32) acts for one episode, and the
@@ -18,6 +18,7 @@ numbers are recorded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -43,7 +44,7 @@ def growth(env: str, init: str, seed: int, calib_init: str = "lecun") -> dict[st
     cfg = train.Config(
         env=env, memory="shm", memory_size=size, theta_init=init, calib_init=calib_init
     )
-    cfg = train.dataclasses.replace(cfg, num_envs=1, num_minibatches=1)
+    cfg = dataclasses.replace(cfg, num_envs=1, num_minibatches=1)
     setup = train.make_env_and_network(cfg)
     key = jax.random.key(seed)
     obs, _ = setup.venv.reset(key)
@@ -72,7 +73,7 @@ def trained_growth(run_dir: str) -> list[dict[str, float]]:
     cfg, params = run.load_run(run_dir)
     if not cfg.memory.startswith("shm"):
         raise ValueError(f"{run_dir}: memory {cfg.memory!r} has no SHM layer to measure")
-    cfg = train.dataclasses.replace(cfg, num_envs=1, num_minibatches=1, num_seeds=1)
+    cfg = dataclasses.replace(cfg, num_envs=1, num_minibatches=1, num_seeds=1)
     setup = train.make_env_and_network(cfg)
     keys = jax.random.split(jax.random.key(1234), jax.tree.leaves(params)[0].shape[0])
     return [
@@ -89,7 +90,7 @@ def print_row(name: str, per_seed: list[dict[str, float]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m experiments.init_growth", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m experiments.studies.init_growth", description=__doc__)
     p.add_argument(
         "--envs", nargs="+", default=["VisualMatch-250", "Wind-10-190", "RepeatPreviousEasy"]
     )
