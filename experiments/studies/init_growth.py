@@ -90,7 +90,9 @@ def print_row(name: str, per_seed: list[dict[str, float]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m experiments.studies.init_growth", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.studies.init_growth", description=__doc__
+    )
     p.add_argument(
         "--envs", nargs="+", default=["VisualMatch-250", "Wind-10-190", "RepeatPreviousEasy"]
     )
