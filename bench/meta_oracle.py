@@ -8,7 +8,7 @@ Prints the mean return per trial (one 100-step episode) on Wind-10-190's held-ou
   w = Δs − 0.1·a, then steps to the goal corrected for it;
 - a uniform random policy.
 The reward needs ||s − goal|| <= 0.01, so only the controller that infers the wind earns it: the
-task is solvable, and it needs memory (README, "Reproduction", meta-RL).
+task is solvable, and it needs memory (docs/reproduction.md, "Meta-RL").
 """
 
 import pathlib

@@ -302,7 +302,8 @@ def test_nonfinite_warning_names_the_update_seed_and_fix():
     bad = {"grad_norm": np.ones((3, 2)), "value_loss": np.ones((3, 2))}
     bad["value_loss"][1, 1] = np.nan
     bad["grad_norm"][2, 0] = np.inf
-    line = run.nonfinite_warning(dataclasses.replace(TINY, theta_init="xavier_abs"), 10, bad)
+    abs_lecun = dataclasses.replace(TINY, theta_init="xavier_abs", calib_init="lecun")
+    line = run.nonfinite_warning(abs_lecun, 10, bad)
     assert "update 12, seed 1" in line and "--theta-init xavier" in line  # the first bad row
     assert "--calib-init zeros" in line
     bounded = dataclasses.replace(TINY, theta_init="xavier_abs", calib_init="zeros")

@@ -263,8 +263,6 @@ def test_pixel_observations_are_scaled():
         (["--eval", "/nonexistent/run"], "/nonexistent/run"),
         (["--resume", "/nonexistent/run"], "/nonexistent/run"),
         (["--checkpoint-every", "-1"], "--checkpoint-every"),
-        (["--memory", "gru", "--calib-init", "zeros"], "--calib-init"),
-        (["--memory", "shm_nocal", "--calib-init", "zeros"], "shm_nocal has no W_c"),
         (["--memory", "lru", "--memory-unroll", "4"], "--memory-unroll"),
     ],
 )

@@ -1,6 +1,7 @@
 """How large SHM's memory grows over one episode at initialisation, for each start: the paper's
-Xavier-uniform Θ, |Xavier-uniform|, and |Xavier-uniform| with W_c at 0 (README, "The |Xavier|
-start overflows on long episodes"); and, with --runs, the same for trained agents.
+Xavier-uniform Θ, |Xavier-uniform|, and |Xavier-uniform| with W_c at 0
+(docs/findings/xavier-abs-overflow.md, docs/findings/bounded-start.md); and, with --runs, the
+same for trained agents.
 
     python -m experiments.studies.init_growth [--envs VisualMatch-250 Wind-10-190 RepeatPreviousEasy]
         [--seeds 3] [--out results/calibration/init_growth.json]

@@ -1,5 +1,6 @@
 """How much of what the SHM layer sees changes from step to step: a diagnostic for the
-`paper_agent` suite (README, "Which part of the authors' agent slows SHM").
+`paper_agent` suite (docs/findings/memory-inputs.md; the suite itself:
+docs/findings/paper-agent-ablation.md).
 
     python -m experiments.studies.memory_inputs [--suite-results results/paper_agent] \\
         [--runs runs/grid/paper_agent] [--episodes 16] [--out results/paper_agent/memory_inputs.json]

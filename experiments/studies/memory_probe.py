@@ -11,7 +11,7 @@ with Adam, fresh sequences every step, and SHM's θ rows drawn at random per ste
     python -m experiments.studies.memory_probe --memory shm --time-embedding 0 --theta-scale 0.1
 
 It prints the accuracy curve and the number of steps to reach 90% accuracy, and with `--json` one
-JSON line (the ablation in the README collects those).
+JSON line (docs/findings/memory-probe.md collects those).
 """
 
 from __future__ import annotations

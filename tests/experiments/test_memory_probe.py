@@ -1,4 +1,4 @@
-"""The supervised memory probe (experiments/memory_probe.py): its target and its init scaling."""
+"""The supervised memory probe (experiments/studies/memory_probe.py): its target and its init scaling."""
 
 from __future__ import annotations
 
