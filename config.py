@@ -45,15 +45,16 @@ class Config:
     overflow the memory on long episodes; lecun = flax's default, the paper's
     (`--preset paper-popgym`). Memories without W_c ignore it. A config.json without this key ran
     with lecun (`FORMER_DEFAULTS`)."""
-    memory_method: Literal["auto", "sequential", "associative", "chunked", "pallas", "native"] = (
-        "auto"
-    )
+    memory_method: Literal[
+        "auto", "sequential", "associative", "chunked", "pallas", "pallas_pipelined", "native"
+    ] = "auto"
     """SHM: how the layer computes the recurrence (`shm_jax.SHM.method`); the numbers are the
     same, only speed and memory differ. auto = the fastest measured form (docs/performance.md):
     native on a CPU (sequential if the C++ kernel cannot be built), pallas on a GPU; native = the
     C++ CPU kernel (`shm_jax.native`, built on first use); sequential = `lax.scan` with a
     hand-written backward; pallas = the fused GPU kernel (`shm_jax.kernel.pallas_read`;
-    interpreted, very slowly, on a CPU)."""
+    interpreted, very slowly, on a CPU); pallas_pipelined = the same kernel loading whole chunks
+    one chunk ahead (opt-in until timed on a GPU)."""
     memory_unroll: int = 0
     """GRU: time steps per iteration of its compiled scan (speed only). 0 = by backend: 16 on a
     GPU, 1 on a CPU, the faster of the two on each (docs/performance.md)."""

@@ -1,6 +1,7 @@
-"""A training run's lifecycle around train.py's algorithm: segments, checkpoints, exact resume,
-Ctrl-C, live logs, outputs, evaluation and the command line. `python train.py [flags]` lands in
-`main` here; train.py stays the algorithm (config -> networks -> `make_train`).
+"""A training run's lifecycle around an algorithm (train.py's PPO, sac.py's SAC): segments,
+checkpoints, exact resume, Ctrl-C, live logs, outputs, evaluation and the command line.
+`python train.py [flags]` and `python sac.py [flags]` land in `main` here; the algorithm files
+stay the algorithm (config -> networks -> `make_train`).
 
     python train.py --env RepeatFirstEasy --out runs/rf       # train (Ctrl-C: stop and save)
     python train.py --resume runs/rf                          # continue from the last checkpoint
@@ -25,12 +26,32 @@ A run directory (--out):
     tensorboard/      TensorBoard event files (tensorboardX), written live
     returns.png       mean ± std over seeds of the headline metric, with the random policy
     params.msgpack    the final params (leaves [num_seeds, ...]), written at the end
+
+The algorithm is a module (`ALGORITHMS`: "ppo" -> train, "sac" -> sac) that provides:
+    Config            a frozen dataclass with the fields env, memory, num_seeds, seed, out,
+                      progress, checkpoint_every, overwrite, wandb, wandb_project, wandb_name,
+                      preset, theta_init, calib_init, and the properties mem_size,
+                      num_updates (the rows of metrics.csv) and steps_per_update (env steps per
+                      update per seed); a field `algorithm` names the module in config.json
+                      (a config.json without it is PPO's)
+    PRESETS           {name: Config}, "none" the default
+    make_env_and_network(cfg) -> Setup with `eval_params` (None unless meta-RL) and `memory`
+                      (its `initialize_carry` gives the reported state size); ValueError, one
+                      line, on any bad input
+    make_train(cfg, progress) -> Train(init, updates, num_updates) as train.Train: the
+                      RunnerState has `params` and `update` [S]; metrics include
+                      episode_return (and eval_return for meta-RL envs)
+    make_keys(cfg), seed_map(num_seeds), make_evaluate(cfg, setup, num_episodes,
+                      random_policy=False, greedy=False) -> evaluate(params, key) -> {metric}
+    optional: work_per_update(cfg) (run.py's work units; default PPO's env steps x (1 +
+                      num_epochs)), USAGE (the --help text), FORMER_DEFAULTS.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import json
 import os
 import shlex
@@ -51,8 +72,10 @@ from jax.experimental import multihost_utils
 import envs
 import launch
 import shm_jax
-import train
-from train import Config, RunnerState, Setup
+
+# run.py is generic over the algorithm module (see above) and imports none: these name the
+# algorithm's types in signatures (train.Config or sac.Config, and so on).
+Config = RunnerState = Setup = Any
 
 EVAL_EPISODES = 100  # episodes per seed for --eval's default and the random-policy baseline
 # Work of one update: env steps x (1 + epochs) x seeds (the default config: 20,480, ~0.2 s on a
@@ -60,6 +83,26 @@ EVAL_EPISODES = 100  # episodes per seed for --eval's default and the random-pol
 SEGMENT_WORK, CHECKPOINT_WORK = 2**19, 2**24
 RUN_FILES = ("config.json", "metrics.csv", "checkpoints", "tensorboard", "returns.png")
 RUN_FILES += ("params.msgpack", "wandb_id.txt")
+ALGORITHMS = {"ppo": "train", "sac": "sac"}  # config.json's `algorithm` -> its module
+
+
+def algorithm_module(which=None):
+    """The algorithm module of a Config (by its `algorithm` field; none: PPO), of a name in
+    ALGORITHMS or a module name ("train", "sac"); a module is returned as is."""
+    if which is None:
+        which = "ppo"
+    if hasattr(which, "make_train"):
+        return which
+    if not isinstance(which, str):
+        which = getattr(which, "algorithm", "ppo")
+    if which not in ALGORITHMS and which not in ALGORITHMS.values():
+        raise ValueError(f"unknown algorithm {which!r}; choose one of {', '.join(ALGORITHMS)}")
+    return importlib.import_module(ALGORITHMS.get(which, which))
+
+
+def script_name(cfg) -> str:
+    """The command that trains cfg's algorithm: train.py or sac.py."""
+    return f"{algorithm_module(cfg).__name__}.py"
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -76,8 +119,8 @@ class RunInterrupted(KeyboardInterrupt):
 # ---------------------------------------------------------------------------------------------
 
 
-def resume_command(out: str) -> str:
-    return f"python train.py --resume {shlex.quote(out)}"
+def resume_command(out: str, script: str = "train.py") -> str:
+    return f"python {script} --resume {shlex.quote(out)}"
 
 
 def holds_run(directory: str) -> bool:
@@ -85,8 +128,17 @@ def holds_run(directory: str) -> bool:
     return any(os.path.exists(os.path.join(directory, name)) for name in RUN_FILES[:3])
 
 
+def work_per_update(cfg: Config) -> float:
+    """One update's work per seed: the algorithm's `work_per_update`, else PPO's env steps x
+    (1 + epochs)."""
+    algo = algorithm_module(cfg)
+    if hasattr(algo, "work_per_update"):
+        return algo.work_per_update(cfg)
+    return cfg.steps_per_update * (1 + cfg.num_epochs)
+
+
 def _updates_for(cfg: Config, work: int) -> int:
-    return max(1, round(work / (cfg.steps_per_update * (1 + cfg.num_epochs) * cfg.num_seeds)))
+    return max(1, round(work / (work_per_update(cfg) * cfg.num_seeds)))
 
 
 def checkpoint_interval(cfg: Config) -> int:
@@ -104,13 +156,13 @@ def segment_length(cfg: Config) -> int:
     return min(_updates_for(cfg, SEGMENT_WORK), checkpoint_interval(cfg), cfg.num_updates)
 
 
-def check_run(cfg: Config, resume: bool = False) -> Setup:
+def check_run(cfg: Config, resume: bool = False, algo=None) -> Setup:
     """Every check that can fail on user input, before anything is compiled: the config, the
     seeds against the devices of a run over several hosts, the output directory (an existing run
     is refused unless --overwrite; a file or an unwritable path is reported), --wandb's package.
     ValueError with a one-line message. With several processes, process 0 checks the directory
-    and the others fail with it."""
-    setup = train.make_env_and_network(cfg)
+    and the others fail with it. `algo`: the algorithm module (default: cfg's)."""
+    setup = (algo or algorithm_module(cfg)).make_env_and_network(cfg)
     if cfg.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0 (0 = auto), got {cfg.checkpoint_every}")
     processes, devices = jax.process_count(), jax.device_count()
@@ -139,7 +191,8 @@ def _check_out(cfg: Config, resume: bool) -> None:
         raise ValueError(f"the run in {out!r} is complete; evaluate it with --eval {out}")
     if not resume and os.path.isdir(out) and holds_run(out) and not cfg.overwrite:
         raise ValueError(
-            f"--out {out!r} already holds a run: continue it with `{resume_command(out)}`, "
+            f"--out {out!r} already holds a run: continue it with "
+            f"`{resume_command(out, script_name(cfg))}`, "
             "or pass --overwrite to replace it"
         )
     parent = out
@@ -175,17 +228,20 @@ def start_run_dir(cfg: Config) -> None:
 
 
 def load_config(directory: str, flag: str = "--resume") -> Config:
-    """The Config of the run in `directory` (ValueError if there is none)."""
+    """The Config of the run in `directory` (ValueError if there is none), of the algorithm its
+    `algorithm` key names (PPO's without one)."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{flag} {directory!r}: no run there (no config.json)")
     with open(path) as f:
         fields = json.load(f)
-    known = {f.name for f in dataclasses.fields(Config)}
+    algo = algorithm_module(fields.get("algorithm", "ppo"))
+    known = {f.name for f in dataclasses.fields(algo.Config)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"{path}: fields {unknown} are not in this train.py's Config")
-    return Config(**fields)
+        raise ValueError(f"{path}: fields {unknown} are not in this {algo.__name__}.py's Config")
+    former = getattr(algo, "FORMER_DEFAULTS", {})
+    return algo.Config(**{**former, **fields})  # keys a config.json predates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +330,9 @@ def restore_params(cfg: Config):
         step = checkpoints.latest()
         if step is None:
             return None
-        keys = train.make_keys(cfg)
-        like = jax.eval_shape(train.make_train(cfg).init, keys)
+        algo = algorithm_module(cfg)
+        keys = algo.make_keys(cfg)
+        like = jax.eval_shape(algo.make_train(cfg).init, keys)
         return checkpoints.restore(step, like, jax.random.key_impl(keys)).params
     finally:
         checkpoints.close()
@@ -544,7 +601,7 @@ def model_size(setup: Setup, params) -> tuple[int, int]:
     return n_params, int(sum(floats))
 
 
-def run(cfg: Config, resume: bool = False) -> dict:
+def run(cfg: Config, resume: bool = False, algo=None) -> dict:
     """Train per `cfg` in segments, write the outputs to cfg.out, print and return a summary.
 
     `resume`: continue the run in cfg.out from its last checkpoint (cfg is its config.json).
@@ -553,9 +610,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
     updates), final_metrics (every episode metric, seed mean), compile_s, run_s, steps_per_s,
     random_return, random_metrics, devices, params, state_size, checkpoint_s. In a run over
     several hosts (launch.py) process 0 prints and returns it; the others return compile_s,
-    run_s and devices.
+    run_s and devices. `algo`: the algorithm module (default: cfg's, `algorithm_module`).
     """
-    setup = check_run(cfg, resume)
+    algo = algo or algorithm_module(cfg)
+    setup = check_run(cfg, resume, algo)
     # A run over several hosts: every process runs the same program on its devices' seeds, and
     # process 0 alone writes the files (csv, logs, progress, params, plot; checkpoints: all).
     main = is_main_process()
@@ -566,8 +624,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
     U, S, K = cfg.num_updates, cfg.num_seeds, segment_length(cfg)
     interval = checkpoint_interval(cfg)
     progress = Progress(cfg, headline, show=False)
-    program = train.make_train(cfg, progress)  # its progress callback runs on process 0
-    keys = train.make_keys(cfg)
+    program = algo.make_train(cfg, progress)  # its progress callback runs on process 0
+    keys = algo.make_keys(cfg)
     sharding = seed_sharding(S)
     shard_seeds = {} if sharding is None else dict(out_shardings=sharding)
     checkpoints = Checkpoints(cfg.out)
@@ -579,7 +637,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     def stopped_line(at_once: bool) -> str:
         step = last_complete_checkpoint(cfg.out) if at_once else done
         where = f"update {step}/{U} ({step * cfg.steps_per_update:,} env steps per seed)"
-        command = resume_command(cfg.out)
+        command = resume_command(cfg.out, script_name(algo))
         if not at_once:
             return f"stopped at {where}, saved in {cfg.out}; resume with: {command}"
         if not step:
@@ -660,7 +718,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
             params = _wait(lambda: to_host(runner.params))
             if not main:  # the summary below reads metrics.csv, which process 0 writes
                 return dict(compile_s=compile_s, run_s=run_s, devices=jax.device_count())
-            evaluate = jax.jit(train.make_evaluate(cfg, setup, EVAL_EPISODES, random_policy=True))
+            evaluate = jax.jit(algo.make_evaluate(cfg, setup, EVAL_EPISODES, random_policy=True))
             random = _wait(lambda: jax.device_get(evaluate(None, jax.random.key(cfg.seed + 1))))
             summary = write_outputs(cfg, params, headline, float(random["episode_return"]))
     except KeyboardInterrupt as err:
@@ -699,17 +757,21 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
 
 def nonfinite_warning(cfg: Config, first_update: int, metrics: dict) -> str | None:
-    """A one-line warning if a segment's gradient norm or value loss is inf/NaN in any seed
-    (metrics: name -> [n, seeds]), naming the first such update and the usual fix; else None."""
-    bad = np.zeros_like(np.asarray(metrics["grad_norm"]), bool)
-    for name in ("grad_norm", "value_loss"):
+    """A one-line warning if a segment's gradient norm or value (critic) loss is inf/NaN in any
+    seed (metrics: name -> [n, seeds]), naming the first such update and the usual fix; else
+    None. Updates with a `grad_updates` metric of 0 (no gradient step) are not checked."""
+    names = [n for n in ("grad_norm", "value_loss", "critic_loss") if n in metrics]
+    bad = np.zeros_like(np.asarray(metrics[names[0]]), bool)
+    for name in names:
         bad |= ~np.isfinite(np.asarray(metrics[name]))
+    if "grad_updates" in metrics:  # an update without gradient steps (SAC's random start)
+        bad &= np.asarray(metrics["grad_updates"]) > 0
     if not bad.any():
         return None
     update, seed = np.argwhere(bad)[0]
     fix = (
         " SHM's memory overflowed float32: on episodes longer than ~100 steps add "
-        "--calib-init zeros, or use --theta-init xavier (README, 'A bounded |Xavier| start')."
+        "--calib-init zeros, or use --theta-init xavier (docs/findings/bounded-start.md)."
         if cfg.memory.startswith("shm")
         and cfg.theta_init == "xavier_abs"
         and cfg.calib_init == "lecun"
@@ -828,12 +890,13 @@ def evaluate_run(
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     cfg, params = load_run(directory)
-    setup = train.make_env_and_network(cfg)
-    evaluate = train.make_evaluate(cfg, setup, episodes, greedy=greedy)
-    over_seeds = train.seed_map(cfg.num_seeds)
+    algo = algorithm_module(cfg)
+    setup = algo.make_env_and_network(cfg)
+    evaluate = algo.make_evaluate(cfg, setup, episodes, greedy=greedy)
+    over_seeds = algo.seed_map(cfg.num_seeds)
     keys = jax.random.split(jax.random.key(seed), cfg.num_seeds)
     metrics = jax.device_get(jax.jit(over_seeds(lambda pk: evaluate(*pk)))((params, keys)))
-    random_eval = train.make_evaluate(cfg, setup, episodes, random_policy=True)
+    random_eval = algo.make_evaluate(cfg, setup, episodes, random_policy=True)
     random = jax.device_get(jax.jit(random_eval)(None, jax.random.key(seed)))
     returns = np.asarray(metrics["episode_return"])
     what = "held-out-task return" if setup.eval_params is not None else "return"
@@ -868,23 +931,29 @@ Several hosts: the same command on each, plus `--coordinator-address HOST:PORT -
 Memories: {memories}."""
 
 
-def parse_config(argv: list[str]) -> Config:
+def parse_config(argv: list[str], algo=None) -> Config:
     """Config from command-line flags (generated from the dataclass by tyro); `--preset NAME`
-    picks the defaults the other flags then override."""
+    picks the defaults the other flags then override (ValueError for an unknown NAME).
+    `algo`: the algorithm module (default: train, PPO)."""
     import tyro
 
+    algo = algorithm_module(algo)
     preset = "none"
     for i, arg in enumerate(argv):
         if arg == "--preset" and i + 1 < len(argv):
             preset = argv[i + 1]
         elif arg.startswith("--preset="):
             preset = arg.split("=", 1)[1]
-    default = train.PRESETS.get(preset, train.PRESETS["none"])
-    description = USAGE.format(memories=", ".join(shm_jax.memory_names))
-    return tyro.cli(Config, default=default, args=argv, description=description)
+    if preset not in algo.PRESETS:
+        raise ValueError(
+            f"unknown --preset {preset!r} for {algo.__name__}.py; choose one of "
+            f"{', '.join(algo.PRESETS)}"
+        )
+    description = getattr(algo, "USAGE", USAGE).format(memories=", ".join(shm_jax.memory_names))
+    return tyro.cli(algo.Config, default=algo.PRESETS[preset], args=argv, description=description)
 
 
-def _parse_mode(argv: list[str]):
+def _parse_mode(argv: list[str], script: str = "train.py"):
     """argparse for the --eval / --resume modes (errors as ValueError, one line)."""
     import argparse
 
@@ -892,7 +961,7 @@ def _parse_mode(argv: list[str]):
         def error(self, message):
             raise ValueError(message)
 
-    parser = Parser(prog="python train.py", add_help=False)
+    parser = Parser(prog=f"python {script}", add_help=False)
     if argv[0] == "--eval":
         parser.add_argument("--eval", required=True, metavar="DIR")
         parser.add_argument("--episodes", type=int, default=EVAL_EPISODES)
@@ -914,34 +983,39 @@ def print_list() -> None:
           f"{', '.join(gymnax.registered_envs)}")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, algo=None) -> None:
     """`python train.py [flags]` trains; `--resume DIR`, `--eval DIR`, `--list` (see USAGE).
-    Bad input: one line on stderr, exit 2. Ctrl-C: one line, exit 130."""
+    `algo`: the algorithm a new run uses ("ppo" / "train", the default, or "sac"); --resume and
+    --eval follow the run's config.json. Bad input: one line on stderr, exit 2. Ctrl-C: one
+    line, exit 130."""
     argv = sys.argv[1:] if argv is None else argv
     resume = False
     try:
         argv = launch.start(argv)  # strips the multi-host flags (`python train.py` joined first)
+        algo = algorithm_module(algo)
+        script = script_name(algo)
         if argv == ["--list"]:
             print_list()
             return
         if argv and argv[0] == "--eval":
-            args = _parse_mode(argv)
+            args = _parse_mode(argv, script)
             evaluate_run(args.eval, args.episodes, args.greedy, args.seed)
             return
         if argv and argv[0] == "--resume":
-            args = _parse_mode(argv)
+            args = _parse_mode(argv, script)
             cfg = dataclasses.replace(load_config(args.resume), out=args.resume)
             if args.progress is not None:
                 cfg = dataclasses.replace(cfg, progress=args.progress)
             resume = True
         else:
-            cfg = parse_config(argv)
-        check_run(cfg, resume)  # every user-input error surfaces here, before compiling
+            cfg = parse_config(argv, algo)
+        algo = algorithm_module(cfg)  # a resumed run's own
+        check_run(cfg, resume, algo)  # every user-input error surfaces here, before compiling
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     try:
-        run(cfg, resume)
+        run(cfg, resume, algo)
     except RunInterrupted as stop:
         print(stop, file=sys.stderr, flush=True)
         if stop.at_once:  # do not wait for the program still running in XLA's threads

@@ -24,18 +24,19 @@ RLlib update re-draws θ instead (spec/shm.md, "disagree" item 3).
 from __future__ import annotations
 
 if __name__ == "__main__":
-    # `python train.py ...`: run.py holds the CLI and imports this file as the module `train`,
-    # so the file is loaded once, as `train`, never a second time as `__main__`.
+    # `python train.py ...` hands over to run.py's CLI, which imports this file back as the
+    # module `train`: the file is loaded once, as `train`, never a second time as `__main__`.
+    import importlib
+
     import launch
 
     launch.start_from_command_line()  # before gymnax's import starts jax's backend
-    import run
-
-    run.main()
+    importlib.import_module("run").main()
     raise SystemExit
 
 import dataclasses
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -56,7 +57,7 @@ from agents import (  # noqa: F401  (re-exported: notebooks and studies import t
     sinusoidal_table,
     time_encoding,
 )
-from config import PRESETS, Config, validate  # noqa: F401  (re-exported)
+from config import FORMER_DEFAULTS, PRESETS, Config, validate  # noqa: F401  (re-exported)
 
 # The two action distributions as pure functions of the head's output (static `continuous`).
 
@@ -597,20 +598,17 @@ def seed_map(num_seeds: int) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The CLI (run.py's `main`), for `shm-train` and callers that import this module."""
-    import run
-
-    run.main(argv)
+    """The CLI (run.py's `main`), for the `shm-train` console script and for callers that import
+    this module."""
+    importlib.import_module("run").main(argv)
 
 
 _INSPECTION = ("one_seed", "replay_episode", "make_memory_trace", "memory_trace")
 
 
 def __getattr__(name: str):
-    """`train.replay_episode` and the other inspection helpers, which live in inspection.py
-    (imported on first use: inspection.py imports this module)."""
+    """`train.replay_episode` and the other inspection helpers still work from here; they live
+    in inspection.py, which imports this module, so they are looked up on first use."""
     if name in _INSPECTION:
-        import inspection
-
-        return getattr(inspection, name)
+        return getattr(importlib.import_module("inspection"), name)
     raise AttributeError(f"module 'train' has no attribute {name!r}")

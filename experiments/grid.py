@@ -9,6 +9,15 @@ config) and starts the others afresh. Every file is written atomically (temp fil
 `jobs > 1` runs that many cells at once, each in its own process (`python -m experiments.grid
 CELL_JSON`), so that runs too small to fill an accelerator share it; each process then gets an
 equal share of GPU memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless already set).
+
+`minutes` runs the cells one at a time, in their order, within a time budget, and starts a cell
+only when its estimated time fits in what is left (`run_within_budget`, `estimate_s`); a cell
+that does not fit is passed over and the next one tried, so a cheaper one later may still run.
+A cell's estimate is overhead + env steps / rate, from the most specific measurement made on
+this backend and device: a cell of the same env and variant, else the slowest cell of the same
+variant, among the cells finished in this invocation and the summary.json files in their results
+directories; measured estimates get a 10% margin. With no measurement, `DEFAULT_RATES` for the
+backend: below the slowest measured cell there, so that the first cell's guess errs long.
 """
 
 from __future__ import annotations
@@ -192,9 +201,12 @@ def describe(summary: dict) -> str:
     )
 
 
-def run_grid(cells: list[Cell], jobs: int = 1, log=print) -> list[str]:
-    """Run the unfinished cells (`jobs` at a time, in processes when jobs > 1); returns the
-    names of the cells that failed."""
+def run_grid(
+    cells: list[Cell], jobs: int = 1, log=print, minutes: float | None = None
+) -> list[str]:
+    """Run the unfinished cells (`jobs` at a time, in processes when jobs > 1; with `minutes`,
+    one at a time within that budget: `run_within_budget`); returns the names of the cells
+    that failed."""
     pending = []
     for cell in cells:
         if not is_finished(cell):
@@ -210,20 +222,170 @@ def run_grid(cells: list[Cell], jobs: int = 1, log=print) -> list[str]:
         f"{len(cells)} cells: {len(cells) - len(pending)} finished, {len(pending)} to run"
         + (f", {jobs} at a time" if jobs > 1 and pending else "")
     )
+    if minutes is not None:
+        return run_within_budget(cells, minutes, log=log).failed
     if jobs > 1:
         return _run_processes(pending, jobs, log)
     failed = []
     for i, cell in enumerate(pending, 1):
         log(f"[{i}/{len(pending)}] {cell.name} -> {cell.results_dir}")
-        try:
-            log(f"[{i}/{len(pending)}] {cell.name} done: {describe(run_cell(cell))}")
-        except ValueError as err:  # the user's config: one line, as train.py's CLI
-            log(f"[{i}/{len(pending)}] {cell.name} failed: {err}")
-            failed.append(cell.name)
-        except Exception:
-            log(f"[{i}/{len(pending)}] {cell.name} failed:\n{traceback.format_exc()}")
+        if run_one(cell, f"[{i}/{len(pending)}]", log) is None:
             failed.append(cell.name)
     return failed
+
+
+def run_one(cell: Cell, tag: str, log, run=None) -> dict | None:
+    """Run one cell in this process (`run`, default `run_cell`) and log the outcome; its
+    summary, or None if it failed."""
+    try:
+        summary = (run or run_cell)(cell)
+    except ValueError as err:  # the user's config: one line, as train.py's CLI
+        log(f"{tag} {cell.name} failed: {err}")
+        return None
+    except Exception:
+        log(f"{tag} {cell.name} failed:\n{traceback.format_exc()}")
+        return None
+    log(f"{tag} {cell.name} done: {describe(summary)}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells within a time budget (--minutes)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """How fast cells run: env steps (all seeds) per second of training, plus a fixed overhead
+    per cell (compile, the random-policy evaluation, writing), and where that was measured."""
+
+    steps_per_s: float
+    overhead_s: float
+    source: str
+
+
+# With nothing measured: below the slowest cells measured per backend, with overheads above
+# their compile times (docs/performance.md, "POPGym cells within a time budget").
+DEFAULT_RATES = {
+    "gpu": Rate(30_000.0, 120.0, "the default for a GPU, nothing measured here"),
+    "cpu": Rate(1_000.0, 60.0, "the default for a CPU, nothing measured here"),
+}
+MARGIN = 1.1  # on estimates from measurements
+
+
+def cell_steps(cell: Cell) -> int:
+    """Env steps a cell runs, all seeds together."""
+    cfg = cell.config
+    return cfg.num_updates * cfg.steps_per_update * cfg.num_seeds
+
+
+def rate_of(summary: dict, source: str) -> Rate | None:
+    """A finished cell's Rate from its summary (None if it lacks the times): training at its
+    steps_per_s, and the rest of its wall time as overhead."""
+    wall, sps = summary.get("wall_s"), summary.get("steps_per_s")
+    steps = (summary.get("seeds") or 0) * (summary.get("env_steps_per_seed") or 0)
+    if not wall or not steps:
+        return None
+    if sps:
+        return Rate(float(sps), max(0.0, wall - steps / sps), source)
+    return Rate(steps / wall, 0.0, source)
+
+
+def slower(a: Rate | None, b: Rate) -> Rate:
+    """The Rate that takes longer per env step (a None a counts as unmeasured)."""
+    return b if a is None or 1 / b.steps_per_s > 1 / a.steps_per_s else a
+
+
+class Rates:
+    """The measurements the budget uses: per (env, variant) and, the slowest, per variant."""
+
+    def __init__(self, backend: str, device: str | None = None):
+        self.backend, self.device = backend, device
+        self.by_cell: dict[tuple[str, str], Rate] = {}
+        self.by_variant: dict[str, Rate] = {}
+
+    def add(self, env: str, variant: str, summary: dict, source: str) -> None:
+        """Record a finished cell, if it ran on this backend and device."""
+        if summary.get("backend", self.backend) != self.backend:
+            return
+        if self.device and summary.get("device", self.device) != self.device:
+            return
+        rate = rate_of(summary, source)
+        if rate is not None:
+            self.by_cell[(env, variant)] = rate
+            self.by_variant[variant] = slower(self.by_variant.get(variant), rate)
+
+    def estimate_s(self, cell: Cell) -> tuple[float, str]:
+        """(seconds the cell is estimated to take, the measurement it comes from)."""
+        rate = self.by_cell.get((cell.env, cell.variant)) or self.by_variant.get(cell.variant)
+        margin = MARGIN
+        if rate is None:
+            rate, margin = DEFAULT_RATES.get(self.backend, DEFAULT_RATES["gpu"]), 1.0
+        return margin * (rate.overhead_s + cell_steps(cell) / rate.steps_per_s), rate.source
+
+
+def recorded_rates(cells: list[Cell], backend: str, device: str | None) -> Rates:
+    """The Rates of the cells already finished (their summary.json) on this backend/device."""
+    rates = Rates(backend, device)
+    for cell in cells:
+        if is_finished(cell):
+            summary = report.read_json(summary_path(cell))
+            rates.add(cell.env, cell.variant, summary, f"measured: {cell.name}")
+    return rates
+
+
+@dataclasses.dataclass
+class BudgetResult:
+    ran: list[str]
+    failed: list[str]
+    not_started: list[str]
+    used_s: float
+
+
+def run_within_budget(
+    cells: list[Cell],
+    minutes: float,
+    log=print,
+    run=None,
+    clock=time.monotonic,
+    backend: str | None = None,
+    device: str | None = None,
+) -> BudgetResult:
+    """Run the unfinished cells one at a time in their order, starting each only when its
+    estimate (`Rates.estimate_s`) fits in the budget left; a cell that does not fit is passed
+    over for the next. Every finished cell, recorded or run now, refines the estimates. `run`
+    (default `run_cell`), `clock`, `backend` and `device` (default: jax's) are for tests."""
+    if backend is None:
+        import jax
+
+        backend, device = jax.default_backend(), jax.devices()[0].device_kind
+    start, budget = clock(), 60.0 * minutes
+    rates = recorded_rates(cells, backend, device)
+    result = BudgetResult([], [], [], 0.0)
+    pending = [cell for cell in cells if not is_finished(cell)]
+    log(f"budget {minutes:g} min for {len(pending)} unfinished cell(s), one at a time, in order")
+    for i, cell in enumerate(pending, 1):
+        tag = f"[{i}/{len(pending)}]"
+        left = budget - (clock() - start)
+        estimate, source = rates.estimate_s(cell)
+        if estimate > left:
+            log(f"{tag} {cell.name} not started: estimated {estimate / 60:.1f} min ({source}), "
+                f"{left / 60:.1f} min left")  # fmt: skip
+            result.not_started.append(cell.name)
+            continue
+        log(f"{tag} {cell.name} -> {cell.results_dir}: estimated {estimate / 60:.1f} min "
+            f"({source}), {left / 60:.1f} min left")  # fmt: skip
+        summary = run_one(cell, tag, log, run)
+        if summary is None:
+            result.failed.append(cell.name)
+            continue
+        result.ran.append(cell.name)
+        rates.add(cell.env, cell.variant, summary, f"measured: {cell.name}")
+    result.used_s = clock() - start
+    if result.not_started:
+        log(f"{len(result.not_started)} cell(s) not started within {minutes:g} min: "
+            f"{', '.join(result.not_started)}; rerun with a larger --minutes to continue")  # fmt: skip
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

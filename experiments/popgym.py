@@ -4,7 +4,21 @@ of envs × memories, each cell one training run with its seeds in one compiled p
     python -m experiments.popgym run --envs AutoencodeEasy RepeatPreviousEasy \\
         --memories shm shm_single gru --seeds 3 --preset paper-popgym [--jobs 2] \\
         [-- more train.py flags, e.g. --lr 1e-4]
+    python -m experiments.popgym run --order value --minutes 30   # the most telling cells first,
+        # as many as fit in 30 minutes
     python -m experiments.popgym report            # results/popgym/report.md + curves.png
+
+The memories ("variants") are `shm_jax.memory_names` and `VARIANTS`: "shm_recipe" is SHM in the
+authors' agent with the changes under which it learns there (zero biases, no input LayerNorm,
+the step encoding appended, the bounded |Xavier| start), beside "shm", their exact setting.
+By default the grid runs shm, shm_recipe, gru and, where it is registered, ffm.
+
+`--order value` runs the cells in the order of what they tell (`value_order`): RepeatPreviousEasy
+and AutoencodeEasy for shm, shm_recipe and gru; then ConcentrationEasy and BattleshipEasy; then
+the Medium tasks, then the Hard ones; then ffm on the tasks in that order; then any other
+memory. `--minutes N` runs the cells one at a time, in order, within N minutes, and never starts
+a cell whose estimated time does not fit in what is left (`experiments.grid.run_within_budget`:
+estimates from the throughput of the cells already finished on this device).
 
 `run` writes `results/popgym/<env>/<memory>/{config.json, metrics.csv, summary.json}` (small,
 committed) and each cell's scratch run (checkpoints, params, png) to
@@ -47,6 +61,28 @@ PAPER: dict[tuple[str, str], tuple[float, float | None]] = {
     ("ConcentrationEasy", "shm"): (-1.9, None),
 }
 PAPER_BUDGET = "15M steps x 3 seeds (RLlib)"
+# Grid variants beyond the registry's memory names: train.Config overrides.
+VARIANTS: dict[str, dict] = {
+    # SHM in the authors' agent with the three changes under which it learns there and the
+    # bounded start (results/paper_agent, docs/findings/); "shm" is their exact setting.
+    "shm_recipe": dict(
+        memory="shm",
+        paper_bias_init="zeros",
+        paper_input_norm=False,
+        paper_time_embedding="append",
+        theta_init="xavier_abs",
+        calib_init="zeros",
+    ),
+}
+# --order value: task tiers (families in this order within a tier), then memories.
+VALUE_TIERS = [
+    [("RepeatPrevious", "Easy"), ("Autoencode", "Easy")],
+    [("Concentration", "Easy"), ("Battleship", "Easy")],
+    [(f, "Medium") for f in ("RepeatPrevious", "Autoencode", "Concentration", "Battleship")],
+    [(f, "Hard") for f in ("RepeatPrevious", "Autoencode", "Concentration", "Battleship")],
+]
+VALUE_MEMORIES = ["shm", "shm_recipe", "gru"]  # then ffm, then any other memory
+ORDERS = ("given", "value")
 # Cell flags the grid sets itself; passing them after `--` would be silently overridden.
 GRID_FLAGS = ("--env", "--memory", "--num-seeds", "--out", "--preset", "--total-timesteps")
 GRID_FLAGS += ("--overwrite", "--no-overwrite")  # the grid resumes or replaces its scratch runs
@@ -76,16 +112,48 @@ def check_run_args(args, extra: list[str], owned: tuple[str, ...], who: str, use
         raise ValueError(f"--seeds ({args.seeds}) and --jobs ({args.jobs}) must be >= 1")
 
 
+def default_memories() -> list[str]:
+    """shm, shm_recipe, gru, and ffm where the registry has it."""
+    import shm_jax
+
+    return VALUE_MEMORIES + (["ffm"] if "ffm" in shm_jax.memory_names else [])
+
+
+def value_order(cells: list[grid.Cell]) -> list[grid.Cell]:
+    """The cells by what they tell (module docstring): shm, shm_recipe and gru through the task
+    tiers of VALUE_TIERS, then ffm through them, then other memories; envs outside the tiers
+    after those in them. Stable, so equal keys keep the given order."""
+    rank = {f"{family}{level}": (t, i) for t, tier in enumerate(VALUE_TIERS)
+            for i, (family, level) in enumerate(tier)}  # fmt: skip
+
+    def key(cell: grid.Cell):
+        if cell.variant in VALUE_MEMORIES:
+            group, within = 0, VALUE_MEMORIES.index(cell.variant)
+        else:
+            group, within = (1, 0) if cell.variant == "ffm" else (2, 0)
+        return group, *rank.get(cell.env, (len(VALUE_TIERS), 0)), within
+
+    return sorted(cells, key=key)
+
+
 def build_cells(args, extra: list[str]) -> list[grid.Cell]:
-    """The grid's cells, every input checked before anything runs (ValueError in words)."""
+    """The grid's cells in the order asked for, every input checked before anything runs
+    (ValueError in words)."""
     import envs
     import shm_jax
     import train
 
+    memories = args.memories or default_memories()
     check_choice("env", args.envs, list(envs.registered))
-    check_choice("memory", args.memories, list(shm_jax.memory_names))
+    check_choice("memory", memories, list(shm_jax.memory_names) + list(VARIANTS))
     check_choice("preset", [args.preset], list(train.PRESETS))
+    check_choice("order", [args.order], list(ORDERS))
     check_run_args(args, extra, GRID_FLAGS, "the grid", "--envs, --memories, --seeds, --preset")
+    if args.minutes is not None and (args.minutes <= 0 or args.jobs > 1):
+        raise ValueError(
+            f"--minutes runs cells one at a time within a budget > 0; got --minutes "
+            f"{args.minutes} with --jobs {args.jobs}: drop --jobs, or give a positive budget"
+        )
     flags = ["--preset", args.preset]
     if args.total_timesteps is not None:
         flags += ["--total-timesteps", str(args.total_timesteps)]
@@ -98,7 +166,7 @@ def build_cells(args, extra: list[str]) -> list[grid.Cell]:
             config=dataclasses.replace(
                 base,
                 env=env,
-                memory=memory,
+                **VARIANTS.get(memory, dict(memory=memory)),
                 num_seeds=args.seeds,
                 out=os.path.join(args.runs, experiment, env, memory),
                 progress=False,
@@ -106,8 +174,10 @@ def build_cells(args, extra: list[str]) -> list[grid.Cell]:
             results_dir=os.path.join(args.results, env, memory),
         )
         for env in dict.fromkeys(args.envs)
-        for memory in dict.fromkeys(args.memories)
+        for memory in dict.fromkeys(memories)
     ]
+    if args.order == "value":
+        cells = value_order(cells)
     for cell in cells:  # every config error now, not hours into the grid
         try:
             train.make_env_and_network(cell.config)
@@ -122,13 +192,21 @@ def cmd_run(args, extra: list[str]) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    run_cells(cells, jobs=args.jobs, dry_run=args.dry_run)
+    run_cells(cells, jobs=args.jobs, dry_run=args.dry_run, minutes=args.minutes)
 
 
-def run_cells(cells: list[grid.Cell], jobs: int, dry_run: bool) -> None:
-    """List the cells and their state (dry_run), or run the unfinished ones; exits 1 if any
-    failed and as interrupted on Ctrl-C (shared by the experiment CLIs)."""
+def run_cells(
+    cells: list[grid.Cell], jobs: int, dry_run: bool, minutes: float | None = None
+) -> None:
+    """List the cells and their state (dry_run), or run the unfinished ones (within `minutes`
+    if given: `grid.run_within_budget`); exits 1 if any failed and as interrupted on Ctrl-C
+    (shared by the experiment CLIs)."""
     if dry_run:
+        rates = None
+        if minutes is not None:  # what the budget would estimate for each unfinished cell
+            import jax
+
+            rates = grid.recorded_rates(cells, jax.default_backend(), jax.devices()[0].device_kind)
         for cell in cells:
             cfg = cell.config
             if grid.is_finished(cell):
@@ -137,13 +215,16 @@ def run_cells(cells: list[grid.Cell], jobs: int, dry_run: bool) -> None:
                 state = f"to continue (its run in {cfg.out})"
             else:
                 state = "to run"
+            if rates is not None and not grid.is_finished(cell):
+                estimate, source = rates.estimate_s(cell)
+                state += f", estimated {estimate / 60:.1f} min ({source})"
             print(
                 f"{cell.name}: {state}; {cfg.num_seeds} seeds x {cfg.num_updates} updates x "
                 f"{cfg.steps_per_update:,} steps, memory size {cfg.mem_size}, preset {cfg.preset}"
             )
         return
     try:
-        failed = grid.run_grid(cells, jobs=jobs)
+        failed = grid.run_grid(cells, jobs=jobs, minutes=minutes)
     except KeyboardInterrupt as stop:
         print(
             "interrupted: rerun the same command to continue (finished cells are kept, "
@@ -195,7 +276,7 @@ def popgym_table(cells: list[report.CellResult]) -> str:
     header += ["Preset"]
     ours = {(c.env, c.variant): c for c in cells}
     envs = _order({c.env for c in cells} | {e for e, _ in PAPER if e != AVERAGE}, TASKS)
-    memories = _order({c.variant for c in cells} | {m for _, m in PAPER}, ["shm", "gru", "ffm"])
+    memories = _order({c.variant for c in cells} | {m for _, m in PAPER}, [*VALUE_MEMORIES, "ffm"])
     rows = []
     for env in envs:
         for memory in memories:
@@ -296,7 +377,23 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the grid (skips finished cells)")
     r.add_argument("--envs", nargs="+", default=TASKS, help="env ids (default: the 12 tasks)")
-    r.add_argument("--memories", nargs="+", default=["shm", "gru"], help="memory names")
+    r.add_argument(
+        "--memories",
+        nargs="+",
+        default=None,
+        help="memory names or VARIANTS (default: shm shm_recipe gru, and ffm where registered)",
+    )
+    r.add_argument(
+        "--order",
+        default="given",
+        help="given (each env, its memories) or value (the most telling cells first)",
+    )
+    r.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="run cells in order within this budget, starting none whose estimate does not fit",
+    )
     r.add_argument("--seeds", type=int, default=3, help="seeds per cell, in one program")
     r.add_argument("--preset", default="paper-popgym", help="train.py preset")
     r.add_argument(

@@ -11,6 +11,38 @@ import jax
 import jax.numpy as jnp
 
 
+def check_sequence(memory: str, x: jax.Array, resets: jax.Array | None) -> jax.Array:
+    """resets [T, *batch] bool after checking that x is time-major [T, *batch, d] and resets has
+    its [T, *batch] (None: no episode starts inside the sequence). A wrong shape raises a
+    one-line ValueError that names `memory`, the shapes and the fix."""
+    if x.ndim < 3:
+        raise ValueError(
+            f"{memory}: x must be time-major [T, *batch, d] (3 or more axes); got shape "
+            f"{tuple(x.shape)}: add the time axis (x[None] for one step)"
+        )
+    if resets is None:
+        return jnp.zeros(x.shape[:-1], bool)
+    if tuple(resets.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"{memory}: resets must be [T, *batch] = {tuple(x.shape[:-1])} to match x "
+            f"{tuple(x.shape)}; got {tuple(resets.shape)}"
+        )
+    return resets.astype(bool)
+
+
+def check_carry(memory: str, carry: Any, expected: Any) -> None:
+    """Raise a one-line ValueError unless `carry` has the tree structure and leaf shapes of
+    `expected` (the module's `initialize_carry` for x's batch shape). Dtypes are not checked."""
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(jnp.shape(a)), tree)
+    same_tree = jax.tree.structure(carry) == jax.tree.structure(expected)
+    if not same_tree or shapes(carry) != shapes(expected):
+        raise ValueError(
+            f"{memory}: carry must have shapes {shapes(expected)} for this batch; got "
+            f"{shapes(carry) if same_tree else jax.tree.structure(carry)}: make it with "
+            f"initialize_carry(batch_shape) for the batch shape of x [T, *batch, d]"
+        )
+
+
 class _NoAux:
     def sample_aux(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """No per-step randomness: int32 zeros of `shape`."""
@@ -39,6 +71,8 @@ class GRU(_NoAux, nn.Module):
     def __call__(self, carry, x, resets, aux):
         """carry [B, size]; x [T, B, d]; resets [T, B]. Returns (carry, y [T, B, features])."""
         del aux
+        resets = check_sequence("GRU", x, resets)
+        check_carry("GRU", carry, self.initialize_carry(x.shape[1:-1]))
 
         def step(cell, h, inputs):
             xt, reset = inputs
@@ -86,6 +120,8 @@ class LRU(_NoAux, nn.Module):
     def __call__(self, carry, x, resets, aux):
         """carry [B, N] complex; x [T, B, d]; resets [T, B]. Returns (carry, y [T, B, features])."""
         del aux
+        resets = check_sequence("LRU", x, resets)
+        check_carry("LRU", carry, self.initialize_carry(x.shape[1:-1]))
         N, d = self.size, x.shape[-1]
 
         def ring_nu(key, shape):

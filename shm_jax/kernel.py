@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -172,32 +173,76 @@ def fused_read(theta, c, eta_v, k, q, resets=None, memory=None, chunk: int = DEF
 # The backward recomputes each chunk of `chunk` steps from its checkpoint with the chunk's states
 # held on chip (a Python-unrolled list, so no state goes through HBM), then runs the reverse
 # recurrence over the chunk. dθ and dηv are row-local; dc, dk and dq are sums over all rows, so
-# each row block writes its partial sum, [H / bR, T, B, H], and XLA adds them up. The steps of a
-# chunk are unrolled in both kernels, so the loads of the next steps' vectors (which do not
-# depend on M) can be issued ahead of the arithmetic on M. H, bR and bB are rounded to powers of
-# two, which GPU (Triton) block shapes need; the padding is exact (θ = c = e = k = q = 0 keeps
-# the padded rows and columns of M at 0).
+# each row block writes its partial sum, [H / bR, T, B, H], and XLA adds them up. H, bR and bB
+# are rounded to powers of two, which GPU (Triton) block shapes need; the padding is exact
+# (θ = c = e = k = q = 0 keeps the padded rows and columns of M at 0).
+#
+# At a small batch a step's time is the wait for that step's inputs, so how a chunk reads its
+# vectors and writes its outputs is a choice of its own (`_chunk_loop`, the same for both
+# kernels): "step" loads each step's vectors where they are used and stores at once; "prefetch"
+# issues all of the chunk's per-step loads before its arithmetic and holds its stores until
+# after it; "pipelined" loads each input's whole chunk [chunk, ...] in one go, one chunk ahead
+# (the next chunk's loads are in flight while this one computes: double buffering through the
+# loop carry), and stores each output once per chunk.
 
 
 def _power_of_two_at_most(n: int, cap: int) -> int:
     return 1 << (max(1, min(n, cap)).bit_length() - 1)
 
 
-PALLAS_CHUNK = 8
+PALLAS_CHUNK = 8  # steps per chunk where the batch fills the GPU
+PALLAS_CHUNK_STARVED = 4  # ... and where it does not (`pallas_blocks`)
 PALLAS_BLOCK_B = 1
 PALLAS_MIN_PROGRAMS = 264  # 2 per streaming multiprocessor of an H100 (132)
+IO_MODES = ("step", "prefetch", "pipelined")
 
 
-def pallas_blocks(B: int, H: int, block_b: int = PALLAS_BLOCK_B) -> tuple[int, int, int]:
-    """The default (block_b, block_rows, num_warps) for B sequences of H×H memories: whole rows
-    (bR = H) when the batch alone gives enough programs, else fewer rows per program (down to 8)
-    until there are `PALLAS_MIN_PROGRAMS`; 2 warps for up to 1024 memory entries per program, 4
-    above. From the H100 sweep in README "Performance" (`bench/memory.py --pallas-sweep`)."""
+class PallasConfig(NamedTuple):
+    """A Pallas kernel configuration (`pallas_read`'s arguments of the same names)."""
+
+    block_b: int  # sequences per program
+    block_rows: int  # rows of each H×H memory per program
+    chunk: int  # steps between checkpoints; the backward holds one chunk's states on chip
+    num_warps: int  # Triton warps per program
+    prefetch: bool  # a chunk's loads before its arithmetic, its stores after it
+
+
+def pallas_blocks(B: int, H: int, block_b: int = PALLAS_BLOCK_B) -> PallasConfig:
+    """The default kernel configuration for B sequences of H×H memories.
+
+    - Rows and warps: whole rows (bR = H) when the batch alone gives `PALLAS_MIN_PROGRAMS`
+      programs, else fewer rows per program (down to 8) until there are that many; 2 warps for
+      up to 1024 memory entries per program, 4 above. The best configs of the H100 sweep at
+      (T, B, H) = (1024, 8, 128) and (1024, 512, 32).
+    - Prefetch and chunk: where whole rows would give fewer than `PALLAS_MIN_PROGRAMS` programs
+      (the batch is too small to fill the GPU, so each step waits on its own loads), the
+      chunk's loads go first (prefetch) and chunks are `PALLAS_CHUNK_STARVED` = 4 steps: at
+      (1024, 8, 128) on an H200, 8 rows × 2 warps, this trained the read 2.2x faster than
+      chunks of 8 without prefetch (prefetch 1.5x, then chunk 4 1.5x; chunk 16 was 3.8x
+      slower). That is the only size of this kind measured; others get the rule on the same
+      reasoning. Where the batch fills the GPU, e.g. (1024, 512, 32), prefetch and other
+      chunks are not measured, so it keeps `PALLAS_CHUNK` = 8 steps without prefetch, the
+      H100 sweep's best there. `bench/memory.py
+      --pallas-sweep` measures both (docs/performance.md, "Pallas kernel configuration")."""
     bB = _power_of_two_at_most(block_b, B)
     Hp = bR = 1 << (H - 1).bit_length()
-    while bR > 8 and -(-B // bB) * Hp // bR < PALLAS_MIN_PROGRAMS:
+    programs = -(-B // bB)  # with whole rows
+    while bR > 8 and programs * Hp // bR < PALLAS_MIN_PROGRAMS:
         bR //= 2
-    return bB, bR, 2 if bB * bR * Hp <= 1024 else 4
+    warps = 2 if bB * bR * Hp <= 1024 else 4
+    starved = programs < PALLAS_MIN_PROGRAMS
+    return PallasConfig(bB, bR, PALLAS_CHUNK_STARVED if starved else PALLAS_CHUNK, warps, starved)
+
+
+class _Launch(NamedTuple):
+    """What the kernels are compiled for (static: a custom_vjp nondiff argument)."""
+
+    chunk: int
+    block_b: int
+    block_rows: int
+    num_warps: int
+    interpret: bool
+    io: str  # one of IO_MODES
 
 
 def _where_reset(r, M):
@@ -205,110 +250,161 @@ def _where_reset(r, M):
     return jnp.where(r[:, None, None] != 0, jnp.zeros_like(M), M)
 
 
-def _chunk_loads(refs, ts, prefetch):
-    """Per step t in ts, the loaded refs[...][t]: all at once up front (prefetch: the chunk's
-    loads are issued before any of its arithmetic and stores, so they wait on memory once), or
-    lazily at the point of use (each step's loads wait behind the previous step's stores, which
-    the compiler cannot move them past)."""
-    if prefetch:
-        loaded = [tuple(ref[t] for ref in refs) for t in ts]
-        return lambda j: loaded[j]
-    return lambda j: tuple(ref[ts[j]] for ref in refs)
+def _split_steps(block, chunk):
+    """A chunk's block [chunk, ...] -> its `chunk` steps [...], by a power-of-two split (which
+    Triton lowers; it has no slicing of loaded values)."""
+    return [jnp.squeeze(part, 0) for part in jnp.split(block, chunk)]
 
 
-def _chunk_stores(prefetch):
-    """(store, flush): store(ref, t, value) writes ref[t] = value at once, or (prefetch) holds it
-    until flush() at the end of the chunk, after all of the chunk's arithmetic."""
-    held = []
+def _stack_steps(values):
+    """`chunk` steps [...] -> their block [chunk, ...], by selects (Triton concatenates only
+    pairs along the last axis)."""
+    first = values[0]
+    pos = jnp.arange(len(values), dtype=jnp.int32).reshape(-1, *(1,) * first.ndim)
+    block = jnp.broadcast_to(first[None], (len(values), *first.shape))
+    for j, value in enumerate(values[1:], 1):
+        block = jnp.where(pos == j, value[None], block)
+    return block
 
-    def store(ref, t, value):
-        if prefetch:
-            held.append((ref, t, value))
-        else:
-            ref[t] = value
+
+def _held_stores(write):
+    """(store, flush): store(ref, j, value) holds the value; flush() then calls write(ref,
+    {j: value}) once per output ref, in the order of their first stores."""
+    held = []  # (ref, {j: value}); refs compare by identity
+
+    def store(ref, j, value):
+        for seen, values in held:
+            if seen is ref:
+                values[j] = value
+                return
+        held.append((ref, {j: value}))
 
     def flush():
-        for ref, t, value in held:
-            ref[t] = value
+        for ref, values in held:
+            write(ref, values)
 
     return store, flush
 
 
-def _pallas_fwd_kernel(theta, c, e, k, q, r, m0, y, m_last, starts, *, chunk, n, prefetch):
+def _chunk_loop(n, chunk, io, ins, body, init, reverse=False):
+    """Run `body(i, load, store, carry) -> carry` over the n chunks i of `chunk` steps (the last
+    first when `reverse`) and return the final carry. In the body, load(j) is the tuple of
+    ins[·][i·chunk + j] and store(ref, j, value) writes ref[i·chunk + j] = value, each as `io`
+    says (the comment above): "step" (at once), "prefetch" (loads first, stores held until the
+    body ends) or "pipelined" (whole-chunk loads one chunk ahead, one store per output)."""
+    from jax.experimental import pallas as pl
+
+    order = (lambda ii: n - 1 - ii) if reverse else (lambda ii: ii)
+
+    def step(ii, carry):
+        i = order(ii)
+        at = lambda j: i * chunk + j
+        if io == "step":
+
+            def store(ref, j, value):
+                ref[at(j)] = value
+
+            return body(i, lambda j: tuple(ref[at(j)] for ref in ins), store, carry)
+
+        loaded = [tuple(ref[at(j)] for ref in ins) for j in range(chunk)]
+
+        def write(ref, values):
+            for j, value in values.items():
+                ref[at(j)] = value
+
+        store, flush = _held_stores(write)
+        carry = body(i, lambda j: loaded[j], store, carry)
+        flush()
+        return carry
+
+    if io != "pipelined":
+        return jax.lax.fori_loop(0, n, step, init)
+
+    def load_block(i):
+        return tuple(ref[pl.ds(i * chunk, chunk)] for ref in ins)
+
+    def pipelined_step(ii, state):
+        carry, current = state
+        upcoming = load_block(order(jnp.minimum(ii + 1, n - 1)))  # in flight during this chunk
+        i = order(ii)
+        steps = [_split_steps(block, chunk) for block in current]
+
+        def write(ref, values):
+            ref[pl.ds(i * chunk, chunk)] = _stack_steps([values[j] for j in range(chunk)])
+
+        store, flush = _held_stores(write)
+        carry = body(i, lambda j: tuple(s[j] for s in steps), store, carry)
+        flush()
+        return carry, upcoming
+
+    return jax.lax.fori_loop(0, n, pipelined_step, (init, load_block(order(0))))[0]
+
+
+def _pallas_fwd_kernel(theta, c, e, k, q, r, m0, y, m_last, starts, *, chunk, n, io):
     """One program's refs: its rows θ, e, y [T, bB, bR]; c, k, q [T, bB, H]; r [T, bB] int32;
     m0, m_last [bB, bR, H]; starts [n, bB, bR, H] (the memory before each chunk)."""
 
-    def chunk_body(i, M):
+    def chunk_body(i, load, store, M):
         starts[i] = M
-        ts = [i * chunk + j for j in range(chunk)]
-        load = _chunk_loads((r, theta, c, e, k, q), ts, prefetch)
-        store, flush = _chunk_stores(prefetch)
-        for j, t in enumerate(ts):
+        for j in range(chunk):
             r_t, theta_t, c_t, e_t, k_t, q_t = load(j)
             M = _where_reset(r_t, M)
             th = jnp.tanh(theta_t[:, :, None] * c_t[:, None, :])
             M = (1 + th) * M + e_t[:, :, None] * k_t[:, None, :]
-            store(y, t, jnp.sum(M * q_t[:, None, :], axis=-1))
-        flush()
+            store(y, j, jnp.sum(M * q_t[:, None, :], axis=-1))
         return M
 
-    m_last[...] = jax.lax.fori_loop(0, n, chunk_body, m0[...])
+    m_last[...] = _chunk_loop(n, chunk, io, (r, theta, c, e, k, q), chunk_body, m0[...])
 
 
 def _pallas_bwd_kernel(
-    theta, c, e, k, q, r, starts, dy, dm_last, dtheta, dc, de, dk, dq, dm0, *, chunk, n, prefetch
+    theta, c, e, k, q, r, starts, dy, dm_last, dtheta, dc, de, dk, dq, dm0, *, chunk, n, io
 ):
     """The reverse recurrence of the module docstring, chunk by chunk from the last. Row-local
     outputs dθ, de [T, bB, bR] and dm0 [bB, bR, H]; partial sums over this program's rows
     dc, dk, dq [T, bB, H]."""
 
-    def chunk_body(ii, P):
-        i = n - 1 - ii
-        ts = [i * chunk + j for j in range(chunk)]
-        load = _chunk_loads((r, theta, c, e, k, q, dy), ts, prefetch)
-        store, flush = _chunk_stores(prefetch)
+    def chunk_body(i, load, store, P):
         M = starts[i]
         M_prevs = []  # M̃_{t-1} for the chunk's steps, on chip
-        for j, t in enumerate(ts):
+        for j in range(chunk):
             r_t, theta_t, c_t, e_t, k_t, _, dy_t = load(j)
             M = _where_reset(r_t, M)
             M_prevs.append(M)
             M = (1 + jnp.tanh(theta_t[:, :, None] * c_t[:, None, :])) * M
             M = M + e_t[:, :, None] * k_t[:, None, :]
-            store(dq, t, jnp.sum(M * dy_t[:, :, None], axis=-2))  # (M_tᵀ dy_t) over these rows
+            store(dq, j, jnp.sum(M * dy_t[:, :, None], axis=-2))  # (M_tᵀ dy_t) over these rows
         for j in reversed(range(chunk)):
-            t = ts[j]
             r_t, theta_t, c_t, e_t, k_t, q_t, dy_t = load(j)
             th = jnp.tanh(theta_t[:, :, None] * c_t[:, None, :])  # recomputed: less state
             G = dy_t[:, :, None] * q_t[:, None, :] + P
             S = G * M_prevs[j] * (1 - th * th)
-            store(dtheta, t, jnp.sum(S * c_t[:, None, :], axis=-1))
-            store(dc, t, jnp.sum(S * theta_t[:, :, None], axis=-2))
-            store(de, t, jnp.sum(G * k_t[:, None, :], axis=-1))
-            store(dk, t, jnp.sum(G * e_t[:, :, None], axis=-2))
+            store(dtheta, j, jnp.sum(S * c_t[:, None, :], axis=-1))
+            store(dc, j, jnp.sum(S * theta_t[:, :, None], axis=-2))
+            store(de, j, jnp.sum(G * k_t[:, None, :], axis=-1))
+            store(dk, j, jnp.sum(G * e_t[:, :, None], axis=-2))
             P = _where_reset(r_t, (1 + th) * G)
-        flush()
         return P
 
-    dm0[...] = jax.lax.fori_loop(0, n, chunk_body, dm_last[...])
+    ins = (r, theta, c, e, k, q, dy)
+    dm0[...] = _chunk_loop(n, chunk, io, ins, chunk_body, dm_last[...], reverse=True)
 
 
-def _pallas_call(kernel, out_shape, in_specs, out_specs, grid, cfg):
+def _pallas_call(kernel, out_shape, in_specs, out_specs, grid, launch: _Launch):
     from jax.experimental import pallas as pl
 
-    chunk, bB, bR, num_warps, interpret, _ = cfg
     params = {}
-    if not interpret:
+    if not launch.interpret:
         from jax.experimental.pallas import triton as plt
 
-        params["compiler_params"] = plt.CompilerParams(num_warps=num_warps, num_stages=1)
+        params["compiler_params"] = plt.CompilerParams(num_warps=launch.num_warps, num_stages=1)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
-        interpret=interpret,
+        interpret=launch.interpret,
         **params,
     )
 
@@ -328,16 +424,15 @@ def _pallas_specs(T, n, H, bB, bR):
     )
 
 
-def _pallas_forward(theta, c, e, k, q, r, M0, cfg):
+def _pallas_forward(theta, c, e, k, q, r, M0, launch: _Launch):
     """Flat inputs [T, B, H] (T a multiple of chunk, B of bB, H of bR; r int32 [T, B]) ->
     (Y, M_last, starts)."""
-    chunk, bB, bR = cfg[:3]
     T, B, H = theta.shape
-    n = T // chunk
+    n, bB, bR = T // launch.chunk, launch.block_b, launch.block_rows
     s = _pallas_specs(T, n, H, bB, bR)
     dt = theta.dtype
     return _pallas_call(
-        functools.partial(_pallas_fwd_kernel, chunk=chunk, n=n, prefetch=cfg[5]),
+        functools.partial(_pallas_fwd_kernel, chunk=launch.chunk, n=n, io=launch.io),
         out_shape=(
             jax.ShapeDtypeStruct((T, B, H), dt),
             jax.ShapeDtypeStruct((B, H, H), dt),
@@ -346,38 +441,38 @@ def _pallas_forward(theta, c, e, k, q, r, M0, cfg):
         in_specs=[s["rows"], s["full"], s["rows"], s["full"], s["full"], s["flags"], s["mem"]],
         out_specs=(s["rows"], s["mem"], s["ckpt"]),
         grid=(B // bB, H // bR),
-        cfg=cfg,
+        launch=launch,
     )(theta, c, e, k, q, r, M0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _pallas(theta, c, e, k, q, r, M0, cfg):
-    Y, M_last, _ = _pallas_forward(theta, c, e, k, q, r, M0, cfg)
+def _pallas(theta, c, e, k, q, r, M0, launch):
+    Y, M_last, _ = _pallas_forward(theta, c, e, k, q, r, M0, launch)
     return Y, M_last
 
 
-def _pallas_vjp_fwd(theta, c, e, k, q, r, M0, cfg):
-    Y, M_last, starts = _pallas_forward(theta, c, e, k, q, r, M0, cfg)
+def _pallas_vjp_fwd(theta, c, e, k, q, r, M0, launch):
+    Y, M_last, starts = _pallas_forward(theta, c, e, k, q, r, M0, launch)
     return (Y, M_last), (theta, c, e, k, q, r, starts)
 
 
-def _pallas_vjp_bwd(cfg, residuals, cotangents):
-    chunk, bB, bR = cfg[:3]
+def _pallas_vjp_bwd(launch, residuals, cotangents):
     theta, c, e, k, q, r, starts = residuals
     dY, dM_last = cotangents
     T, B, H = theta.shape
-    n, nR = T // chunk, H // bR
+    n, bB, bR = T // launch.chunk, launch.block_b, launch.block_rows
+    nR = H // bR
     s = _pallas_specs(T, n, H, bB, bR)
     vec = jax.ShapeDtypeStruct((T, B, H), theta.dtype)
     partial = jax.ShapeDtypeStruct((nR, T, B, H), theta.dtype)
     dtheta, dc, de, dk, dq, dM0 = _pallas_call(
-        functools.partial(_pallas_bwd_kernel, chunk=chunk, n=n, prefetch=cfg[5]),
+        functools.partial(_pallas_bwd_kernel, chunk=launch.chunk, n=n, io=launch.io),
         out_shape=[vec, partial, vec, partial, partial, jax.ShapeDtypeStruct((B, H, H), vec.dtype)],
         in_specs=[s["rows"], s["full"], s["rows"], s["full"], s["full"], s["flags"], s["ckpt"]]
         + [s["rows"], s["mem"]],
         out_specs=[s["rows"], s["partial"], s["rows"], s["partial"], s["partial"], s["mem"]],
         grid=(B // bB, nR),
-        cfg=cfg,
+        launch=launch,
     )(theta, c, e, k, q, r, starts, dY, dM_last)
     return dtheta, dc.sum(0), de, dk.sum(0), dq.sum(0), None, dM0
 
@@ -393,26 +488,29 @@ def pallas_read(
     q,
     resets=None,
     memory=None,
-    chunk: int = PALLAS_CHUNK,
+    chunk: int | None = None,
     block_b: int = PALLAS_BLOCK_B,
     block_rows: int | None = None,
     num_warps: int | None = None,
-    prefetch: bool = False,
+    prefetch: bool | None = None,
+    pipelined: bool = False,
     interpret: bool | None = None,
 ):
     """`fused_read` as a Pallas kernel (forward and backward), for the GPU.
 
-    Args: as `fused_read`, plus
+    Args: as `fused_read`, plus (None: `pallas_blocks`' choice for the size)
       chunk: steps between checkpoints; the backward holds one chunk's states on chip.
       block_b: sequences per program (the batch is padded to a multiple; rounded down to a power
         of two).
       block_rows: rows of each H×H memory per program (rounded down to a power of two, at most
-        H rounded up to one); None: `pallas_blocks`' choice. The grid is (B / block_b,
-        H / block_rows).
-      num_warps: Triton warps per program (GPU only); None: `pallas_blocks`' choice.
+        H rounded up to one). The grid is (B / block_b, H / block_rows).
+      num_warps: Triton warps per program (GPU only).
       prefetch: load each chunk's vectors before its arithmetic and store its outputs after it
-        (same numbers). Not yet timed on a GPU, so off by default: `bench/memory.py
-        --pallas-sweep` measures it.
+        (same numbers).
+      pipelined: load each input's whole chunk in one go, one chunk ahead of the arithmetic
+        (double buffering), and store each output once per chunk (same numbers; `prefetch`
+        does not apply). The chunk is rounded down to a power of two (a Triton block shape).
+        Not yet timed on a GPU, so opt-in: `bench/memory.py --pallas-sweep` measures it.
       interpret: run the kernels in Pallas' interpreter; None: on a CPU backend only.
 
     Returns:
@@ -422,6 +520,9 @@ def pallas_read(
     for name, value in (*sizes, ("num_warps", num_warps)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"pallas_read: {name} must be a positive int; got {value!r}")
+    for name, value in (("prefetch", prefetch), ("pipelined", pipelined)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"pallas_read: {name} must be True or False; got {value!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     T, H = theta.shape[0], theta.shape[-1]
@@ -431,11 +532,15 @@ def pallas_read(
         resets = jnp.zeros((T, *batch), bool)
     if memory is None:
         memory = jnp.zeros((*batch, H, H), theta.dtype)
-    chunk = max(1, min(chunk, T))
-    bB, auto_rows, auto_warps = pallas_blocks(B, H, block_b)
+    auto = pallas_blocks(B, H, block_b)
+    chunk = max(1, min(auto.chunk if chunk is None else chunk, T))
+    if pipelined:
+        chunk = _power_of_two_at_most(chunk, chunk)
     Hp = 1 << (H - 1).bit_length()
-    bR = auto_rows if block_rows is None else _power_of_two_at_most(block_rows, Hp)
-    num_warps = auto_warps if num_warps is None else num_warps
+    bB = auto.block_b
+    bR = auto.block_rows if block_rows is None else _power_of_two_at_most(block_rows, Hp)
+    prefetch = auto.prefetch if prefetch is None else prefetch
+    io = "pipelined" if pipelined else "prefetch" if prefetch else "step"
     Tp, Bp = math.ceil(T / chunk) * chunk, math.ceil(B / bB) * bB
 
     def pad(a, n_h):
@@ -447,6 +552,7 @@ def pallas_read(
     vectors = [pad(a, 1) for a in (theta, c, eta_v, k, q)]
     r = pad(resets.astype(jnp.int32), 0)  # int32: boolean refs are poorly supported by backends
     M0 = jnp.pad(memory.reshape(B, H, H), [(0, Bp - B), (0, Hp - H), (0, Hp - H)])
-    cfg = (chunk, bB, bR, int(num_warps), bool(interpret), bool(prefetch))
-    Y, M_last = _pallas(*vectors, r, M0, cfg)
+    warps = auto.num_warps if num_warps is None else num_warps
+    launch = _Launch(chunk, bB, bR, int(warps), bool(interpret), io)
+    Y, M_last = _pallas(*vectors, r, M0, launch)
     return Y[:T, :B, :H].reshape(T, *batch, H), M_last[:B, :H, :H].reshape(*batch, H, H)

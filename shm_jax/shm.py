@@ -14,7 +14,9 @@ memory the agent acted with (the authors' RLlib code re-draws them: spec, "disag
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -50,8 +52,31 @@ def layer_method(T: int, batch: int, H: int, *, fused: bool, backend: str | None
     return choose_method(T, batch, H, backend)
 
 
-LAYER_METHODS = (*METHODS, "pallas", "native")
-FUSED_ONLY = ("pallas", "native")  # forms that need θ calibration and no clamp
+LAYER_METHODS = (*METHODS, "pallas", "pallas_pipelined", "native")
+FUSED_ONLY = ("pallas", "pallas_pipelined", "native")  # forms that need θ calibration, no clamp
+PALLAS_METHODS = ("pallas", "pallas_pipelined")
+# The fused forms by method name: the Pallas kernel's pipelined variant is opt-in until measured.
+FUSED_READS = {
+    "sequential": fused_read,
+    "pallas": pallas_read,
+    "pallas_pipelined": functools.partial(pallas_read, pipelined=True),
+    "native": native_read,
+}
+
+
+@functools.cache
+def warn_interpreted(method: str, faster: str) -> None:
+    """Once per process and method: say that a Pallas method on a CPU runs the kernel in Pallas'
+    interpreter, several times slower to train than `faster`, what "auto" runs there."""
+    warnings.warn(
+        f"shm_jax: SHM method {method!r} runs the Pallas kernel in its interpreter on a CPU, "
+        f"several times slower to train than method='auto' (= {faster!r} here, the same "
+        "numbers); use method='auto' unless you are testing the kernel",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 THETA_INITS = ("xavier", "xavier_abs")
 CALIB_INITS = ("lecun", "zeros")
 
@@ -128,10 +153,13 @@ class SHM(nn.Module):
         with θ calibration and no clamp, "sequential" is `shm_jax.kernel.fused_read`, which
         never forms C, U [T, B, H, H] and has a hand-written backward) | "pallas" (the Pallas
         kernel `shm_jax.kernel.pallas_read`, for a GPU; interpreted, slowly, on a CPU; needs θ
-        calibration and no clamp) | "native" (the C++ CPU kernel `shm_jax.native.native_read`,
-        built on first use; same needs). "auto" = `layer_method`: "pallas" on a GPU and
-        "native" on a CPU wherever they apply (each measured faster than every other form
-        there: README "Performance"), else `shm_jax.scan.choose_method`.
+        calibration and no clamp; on a CPU it warns once, naming the faster choice) |
+        "pallas_pipelined" (the same kernel loading whole chunks one chunk ahead:
+        `pallas_read(..., pipelined=True)`; opt-in until timed on a GPU) | "native" (the C++
+        CPU kernel `shm_jax.native.native_read`, built on first use; same needs). "auto" =
+        `layer_method`: "pallas" on a GPU and "native" on a CPU wherever they apply (each
+        measured faster than every other form there: README "Performance"), else
+        `shm_jax.scan.choose_method`.
       dtype: parameter and computation dtype.
     """
 
@@ -285,13 +313,14 @@ class SHM(nn.Module):
                 f"method 'native' is the CPU kernel; the default backend is "
                 f"{jax.default_backend()!r}: use method='auto' (or 'pallas' on a GPU)"
             )
+        if method in PALLAS_METHODS and jax.default_backend() == "cpu":
+            warn_interpreted(method, layer_method(T, math.prod(x.shape[1:-1]), H, fused=True))
         if fused and method in ("sequential", *FUSED_ONLY):
             # Build C_t and U_t inside the step from [T, B, H] vectors: the same numbers as
             # hadamard_read's sequential form without ever holding C, U [T, B, H, H] in memory,
             # and a hand-written backward pass (shm_jax.kernel), 3x faster than autodiff's.
             theta, c, eta_v, k, q, shortcut = self._vectors(x, aux)
-            read_fn = {"sequential": fused_read, "pallas": pallas_read, "native": native_read}
-            read, M_last = read_fn[method](theta, c, eta_v, k, q, resets, carry)
+            read, M_last = FUSED_READS[method](theta, c, eta_v, k, q, resets, carry)
             return M_last, self.out_proj(read + shortcut)
         C, U, q, shortcut = self._factors(x, aux)
         if self.clamp is None:

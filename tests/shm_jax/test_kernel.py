@@ -1,8 +1,12 @@
 """`fused_read` (hand-written backward), `native_read` (the same in C++, an XLA FFI call) and
-`pallas_read` (Pallas kernels, interpreted on CPU) against a float64 numpy loop for values,
-against autodiff of independent float64 scans and central finite differences for gradients."""
+`pallas_read` (Pallas kernels, interpreted on CPU; every way of moving a chunk's data, the
+pipelined one included) against a float64 numpy loop for values, against autodiff of independent
+float64 scans and central finite differences for gradients; and the Pallas kernels lowered for a
+GPU (Triton), which a CPU can do without running them."""
 
+import functools
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +14,24 @@ import numpy as np
 import pytest
 
 from shm_jax import native
-from shm_jax.kernel import PALLAS_MIN_PROGRAMS, fused_read, pallas_blocks, pallas_read
+from shm_jax.kernel import (
+    PALLAS_MIN_PROGRAMS,
+    PallasConfig,
+    fused_read,
+    pallas_blocks,
+    pallas_read,
+)
 from shm_jax.native import native_read
 from shm_jax.shm import factored_read
 
 NAMES = ("theta", "c", "eta_v", "k", "q")
-# The forms with a hand-written backward that run natively on this CPU.
-READS = pytest.mark.parametrize("read", [fused_read, native_read], ids=["fused", "native"])
+ON_CPU = pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="native_read is the CPU kernel: its XLA FFI handlers are registered for the CPU only",
+)
+NATIVE = pytest.param(native_read, id="native", marks=ON_CPU)
+# The forms with a hand-written backward that run natively on this backend.
+READS = pytest.mark.parametrize("read", [pytest.param(fused_read, id="fused"), NATIVE])
 
 
 def test_native_kernel_builds_where_there_is_a_compiler():
@@ -78,9 +93,10 @@ def loss_fn(read, resets, wY, wM, chunk):
     return loss
 
 
-# chunk 7 leaves a ragged last chunk for most T; chunk 1 and 64 are the extremes
-@pytest.mark.parametrize("seed, chunk", [(0, 7), (1, 1), (2, 64), (3, 4), (4, 5), (5, 3)])
-def test_values_and_gradients_match_float64_references(seed, chunk):
+@functools.cache
+def float64_references(seed, chunk):
+    """One random case (`random_case(seed)`) and its float64 references: the numpy loop's
+    (Y, M_last), and the gradients of autodiff through the dense scan and `factored_read`."""
     vectors, resets, memory, wY, wM = random_case(seed)
     ref_Y, ref_M = numpy_read(*vectors, resets, memory)
     with jax.enable_x64(True):
@@ -88,26 +104,36 @@ def test_values_and_gradients_match_float64_references(seed, chunk):
         r, wYj, wMj = jnp.asarray(resets), jnp.asarray(wY), jnp.asarray(wM)
         grad = lambda read: jax.grad(loss_fn(read, r, wYj, wMj, chunk), tuple(range(6)))
 
+        @jax.jit  # one compile for both references
+        def run(*args):
+            return grad(lambda *a, chunk: dense_scan_read(*a))(*args), grad(factored_read)(*args)
+
+        refs = jax.device_get(run(*args))
+    return (vectors, resets, memory, wY, wM), (ref_Y, ref_M), refs
+
+
+# chunk 7 leaves a ragged last chunk for most T; chunk 1 and 64 are the extremes
+@READS
+@pytest.mark.parametrize("seed, chunk", [(0, 7), (1, 1), (2, 64), (3, 4), (4, 5), (5, 3)])
+def test_values_and_gradients_match_float64_references(read, seed, chunk):
+    (vectors, resets, memory, wY, wM), (ref_Y, ref_M), refs = float64_references(seed, chunk)
+    with jax.enable_x64(True):
+        args = [jnp.asarray(a) for a in (*vectors, memory)]
+        r, wYj, wMj = jnp.asarray(resets), jnp.asarray(wY), jnp.asarray(wM)
+
         @jax.jit  # one compile for the case
         def run(*args):
-            return (
-                [read(*args[:5], r, args[5], chunk=chunk) for read in (fused_read, native_read)],
-                [grad(read)(*args) for read in (fused_read, native_read)],
-                grad(lambda *a, chunk: dense_scan_read(*a))(*args),
-                grad(factored_read)(*args),
-            )
+            grads = jax.grad(loss_fn(read, r, wYj, wMj, chunk), tuple(range(6)))(*args)
+            return read(*args[:5], r, args[5], chunk=chunk), grads
 
-        outputs, grads, ref_dense, ref_factored = run(*args)
-    for (Y, M_last), read_grads in zip(outputs, grads, strict=True):  # fused, then native
-        assert Y.dtype == M_last.dtype == jnp.float64
-        assert rel_err(Y, ref_Y) < 1e-9
-        assert rel_err(M_last, ref_M) < 1e-9
-        for name, g, g_dense, g_factored in zip(
-            (*NAMES, "memory"), read_grads, ref_dense, ref_factored, strict=True
-        ):
-            assert g.shape == g_dense.shape, name
-            assert rel_err(g, g_dense) < 1e-9, name
-            assert rel_err(g, g_factored) < 1e-9, name
+        (Y, M_last), grads = run(*args)
+    assert Y.dtype == M_last.dtype == jnp.float64
+    assert rel_err(Y, ref_Y) < 1e-9
+    assert rel_err(M_last, ref_M) < 1e-9
+    for name, g, g_dense, g_factored in zip((*NAMES, "memory"), grads, *refs, strict=True):
+        assert g.shape == g_dense.shape, name
+        assert rel_err(g, g_dense) < 1e-9, name
+        assert rel_err(g, g_factored) < 1e-9, name
 
 
 @READS
@@ -167,15 +193,49 @@ def test_defaults_and_no_gradient_to_resets(read):
 
 
 @pytest.mark.parametrize(
-    "T, batch, H, chunk, block_b, block_rows, prefetch",
+    "T, batch, H, chunk, block_b, block_rows, prefetch, pipelined",
     [
-        (11, (3,), 3, 4, 2, 32, False),  # ragged last chunk; batch, H padded to 4; 1 row block
-        (16, (2, 2), 8, 8, 4, 2, False),  # two batch axes; 4 row blocks whose partials add
-        (16, (2, 2), 8, 8, 4, 2, True),  # the same, loads before the chunk's work, stores after
-        (9, (3,), 6, 3, 1, 4, True),  # H padded to 8 in 2 row blocks, the second half padding
+        (
+            11,
+            (3,),
+            3,
+            4,
+            2,
+            32,
+            False,
+            False,
+        ),  # ragged last chunk; batch, H padded to 4; 1 row block
+        (16, (2, 2), 8, 8, 4, 2, False, False),  # two batch axes; 4 row blocks whose partials add
+        (
+            16,
+            (2, 2),
+            8,
+            8,
+            4,
+            2,
+            True,
+            False,
+        ),  # the same, loads before the chunk's work, stores after
+        (
+            9,
+            (3,),
+            6,
+            3,
+            1,
+            4,
+            True,
+            False,
+        ),  # H padded to 8 in 2 row blocks, the second half padding
+        # pipelined: whole-chunk loads one chunk ahead, one store per chunk
+        (11, (3,), 3, 4, 2, 32, None, True),  # ragged: T padded to 12, 3 chunks of 4
+        (16, (2, 2), 8, 8, 4, 2, None, True),  # 2 chunks of 8, 4 row blocks
+        (9, (3,), 6, 3, 1, 4, None, True),  # chunk 3 rounded down to 2: T padded to 10
+        (5, (2,), 4, 8, 1, 4, None, True),  # chunk capped at T = 5, then 4: one chunk and a half
     ],
 )
-def test_pallas_matches_float64_references(T, batch, H, chunk, block_b, block_rows, prefetch):
+def test_pallas_matches_float64_references(
+    T, batch, H, chunk, block_b, block_rows, prefetch, pipelined
+):
     rng = np.random.default_rng(T)
     vectors = [rng.normal(size=(T, *batch, H)) for _ in NAMES]
     resets = rng.random((T, *batch)) < 0.2
@@ -191,6 +251,7 @@ def test_pallas_matches_float64_references(T, batch, H, chunk, block_b, block_ro
             block_b=block_b,
             block_rows=block_rows,
             prefetch=prefetch,
+            pipelined=pipelined,
             interpret=True,
         )
         grad = lambda read: jax.grad(loss_fn(read, r, wYj, wMj, chunk), tuple(range(6)))
@@ -213,23 +274,52 @@ def test_pallas_matches_float64_references(T, batch, H, chunk, block_b, block_ro
 
 def test_pallas_default_blocks():
     """Whole rows when the batch gives enough programs; else halve the rows (not below 8) until
-    it does; 2 warps for up to 1024 memory entries per program. Matches the H100 sweep's best
-    configs: (1024, 8, 128) -> 8 rows, 2 warps; (1024, 512, 32) -> 32 rows."""
-    assert pallas_blocks(8, 128) == (1, 8, 2)
-    assert pallas_blocks(512, 32) == (1, 32, 2)
-    assert pallas_blocks(64, 128) == (1, 16, 4)
-    assert pallas_blocks(3, 24) == (1, 8, 2)  # H padded to 32
+    it does; 2 warps for up to 1024 memory entries per program. Where whole rows would not fill
+    the GPU, prefetch and chunks of 4, else chunks of 8 without prefetch. The measured best
+    configs: (1024, 8, 128) -> 8 rows, chunk 4, 2 warps, prefetch (H200); (1024, 512, 32) ->
+    32 rows (H100)."""
+    assert pallas_blocks(8, 128) == PallasConfig(1, 8, 4, 2, True)
+    assert pallas_blocks(512, 32) == PallasConfig(1, 32, 8, 2, False)
+    assert pallas_blocks(64, 128) == PallasConfig(1, 16, 4, 4, True)
+    assert pallas_blocks(3, 24) == PallasConfig(1, 8, 4, 2, True)  # H padded to 32
     for B, H in [(1, 8), (8, 128), (64, 32), (100, 64), (512, 256)]:
-        bB, bR, _ = pallas_blocks(B, H)
+        bB, bR, chunk, _, prefetch = pallas_blocks(B, H)
         Hp = 1 << (H - 1).bit_length()
         assert Hp % bR == 0 and bR >= min(8, Hp)
         assert B // bB * Hp // bR >= PALLAS_MIN_PROGRAMS or bR == min(8, Hp)
+        assert prefetch == (B // bB < PALLAS_MIN_PROGRAMS) and chunk == (4 if prefetch else 8)
     with pytest.raises(ValueError, match="num_warps must be a positive int"):
         pallas_read(*[jnp.zeros((2, 1, 4))] * 5, num_warps=0)
+    with pytest.raises(ValueError, match="pipelined must be True or False"):
+        pallas_read(*[jnp.zeros((2, 1, 4))] * 5, pipelined="yes")
+
+
+@pytest.mark.parametrize("io", ["step", "prefetch", "pipelined"])
+def test_pallas_kernels_lower_for_a_gpu(io):
+    """Forward and backward kernels lower to Triton (what a GPU compiles) for every way of
+    moving a chunk's data: the ops they use are ones Pallas' Triton lowering supports. A CPU
+    lowers without running anything."""
+    T, B, H = 16, 2, 32
+    v = [jnp.ones((T, B, H))] * 5
+    kwargs = dict(prefetch=io == "prefetch", pipelined=io == "pipelined", interpret=False)
+
+    def loss(*a):
+        Y, M_last = pallas_read(*a[:5], None, a[5], chunk=4, block_rows=8, **kwargs)
+        return jnp.sum(Y * Y) + jnp.sum(M_last)
+
+    traced = jax.jit(jax.grad(loss, tuple(range(6)))).trace(*v, jnp.zeros((B, H, H)))
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2  # the forward and the backward kernel
 
 
 @pytest.mark.parametrize(
-    "read", [fused_read, native_read, pallas_read], ids=["fused", "native", "pallas"]
+    "read",
+    [
+        pytest.param(fused_read, id="fused"),
+        NATIVE,
+        pytest.param(pallas_read, id="pallas"),
+        pytest.param(functools.partial(pallas_read, pipelined=True), id="pallas_pipelined"),
+    ],
 )
 def test_inf_before_a_reset_does_not_leak(read):
     """A memory that overflowed in one episode must not turn the next episode's values or
@@ -272,3 +362,40 @@ def test_vmap_equals_a_batch_axis(read):
     direct = jax.jit(grad)(*v, r, wY, wM)
     for a, b in zip(mapped, direct, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_pallas_pipelined_matches_sequential_and_pallas_warns_once_on_cpu():
+    """SHM(method="pallas_pipelined") gives the numbers of "sequential" (values and gradients).
+    On a CPU both Pallas methods run interpreted: the first trace per method warns, naming what
+    "auto" runs there; later ones do not."""
+    from shm_jax import SHM, shm
+
+    T, B, D, H = 7, 2, 5, 4
+    x = jax.random.normal(jax.random.PRNGKey(0), (T, B, D))
+    resets = jnp.zeros((T, B), bool).at[3, 1].set(True)
+    base = SHM(size=H, method="sequential")
+    aux = base.sample_aux(jax.random.PRNGKey(1), (T, B))
+    carry = jax.random.normal(jax.random.PRNGKey(2), (B, H, H))
+    params = base.init(jax.random.PRNGKey(3), carry, x, resets, aux)
+
+    def grads(method):
+        def loss(p, x):
+            M, y = SHM(size=H, method=method).apply(p, carry, x, resets, aux)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(M), (M, y)
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)
+
+    ref, got = (jax.jit(grads(m))(params, x) for m in ("sequential", "pallas_pipelined"))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+    on_cpu = jax.default_backend() == "cpu"
+    for method in ("pallas", "pallas_pipelined"):
+        shm.warn_interpreted.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):  # each eval_shape traces the layer, where the method resolves
+                jax.eval_shape(grads(method), params, x)
+        said = [str(w.message) for w in caught if "kernel in its interpreter" in str(w.message)]
+        assert len(said) == (1 if on_cpu else 0), method
+        assert all(f"method {method!r}" in m and "method='auto' (=" in m for m in said)
