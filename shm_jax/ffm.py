@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from shm_jax.baselines import _NoAux, check_carry, check_sequence
-from shm_jax.scan import _associative, _fold_memory
+from shm_jax.scan import affine_scan, fold_memory
 
 ALPHA_MAX = -1e-8  # |γ| < 1: every trace fades (the paper's α ∈ ℝ₋)
 
@@ -50,8 +50,8 @@ def ffm_states(gamma: jax.Array, x_tilde: jax.Array, resets: jax.Array, state: j
     across an episode start)."""
     a = jnp.broadcast_to(gamma, (*x_tilde.shape, gamma.shape[-1]))
     b = jnp.broadcast_to(x_tilde[..., None], a.shape).astype(a.dtype)
-    b = _fold_memory(a, b, resets, state)  # b_0 += γ ⊙ S_carried: the first step decays it, too
-    return _associative(a, b, resets)
+    b = fold_memory(a, b, resets, state)  # b_0 += γ ⊙ S_carried: the first step decays it, too
+    return affine_scan(a, b, resets)
 
 
 def ffm_features(S: jax.Array) -> jax.Array:

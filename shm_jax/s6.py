@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from shm_jax.baselines import _NoAux, check_carry, check_sequence
-from shm_jax.scan import _associative, _fold_memory
+from shm_jax.scan import affine_scan, fold_memory
 
 
 class S6Carry(NamedTuple):
@@ -75,8 +75,8 @@ def s6_scan(delta, A, B, C, D_skip, u, resets, h):
     Returns (y [T, *batch, D], h after the last step [*batch, D, N])."""
     a = jnp.exp(delta[..., None] * A)  # [T, *batch, D, N]
     b = (delta * u)[..., None] * B[..., None, :]
-    b = _fold_memory(a, b, resets, h)
-    h_all = _associative(a, b, resets)
+    b = fold_memory(a, b, resets, h)
+    h_all = affine_scan(a, b, resets)
     y = jnp.einsum("...dn,...n->...d", h_all, C) + D_skip * u
     return y, h_all[-1]
 

@@ -76,9 +76,10 @@ def choose_method(T: int, batch: int, H: int, backend: str | None = None) -> str
     return "associative" if footprint <= ASSOCIATIVE_BUDGET_BYTES else "chunked"
 
 
-def _fold_memory(C, U, resets, memory):
-    """Fold the carried memory into the first write, U_0 += C_0 ⊙ M̃_prev, so the scan starts from
-    M = 0 (M̃_prev = 0 when step 0 resets)."""
+def fold_memory(C, U, resets, memory):
+    """Fold the carried state into the first write, U_0 += C_0 ⊙ M̃_prev, so that a scan can
+    start from M = 0 (M̃_prev = 0 when step 0 resets). Any state with two trailing axes: SHM's
+    H × H, FFM's m × c, S6's D × N."""
     if memory is None:
         return U
     return U.at[0].add(C[0] * _drop(None if resets is None else resets[0], memory, 0))
@@ -109,8 +110,10 @@ def _combine_resets(left, right):
     return a2 * _drop(r2, a1, 1), a2 * _drop(r2, b1, 0) + b2, r1 | r2
 
 
-def _associative(C, U, resets=None):
-    """Every M_t from zero initial memory: [T, *batch, H, H]."""
+def affine_scan(C, U, resets=None):
+    """Every M_t = C_t ⊙ M_{t-1} + U_t from zero initial state, with resets (the state is zeroed
+    before a step that starts an episode), as one `jax.lax.associative_scan`: [T, *batch, a, b]
+    for C, U of that shape (the diagonal recurrences of SHM, FFM and S6 alike)."""
     if resets is None:
         return jax.lax.associative_scan(_combine, (C, U), axis=0)[1]
     return jax.lax.associative_scan(_combine_resets, (C, U, resets), axis=0)[1]
@@ -118,7 +121,7 @@ def _associative(C, U, resets=None):
 
 def _associative_from(M, c, u, r):
     """Every state of one chunk [t, *batch, H, H], starting from the carried memory M."""
-    return _associative(c, u.at[0].add(c[0] * _drop(None if r is None else r[0], M, 0)), r)
+    return affine_scan(c, u.at[0].add(c[0] * _drop(None if r is None else r[0], M, 0)), r)
 
 
 def _sequential_step(M, x):
@@ -185,7 +188,7 @@ def hadamard_scan(C, U, *, resets=None, memory=None, method: str = "auto"):
       (M_all [T, *batch, H, H] with M_all[t] = M_t, M_last [*batch, H, H]).
     """
     _validate(C, U, None, resets, memory, method, None)
-    U = _fold_memory(C, U, resets, memory)
+    U = fold_memory(C, U, resets, memory)
     T, H = C.shape[0], C.shape[-1]
     if method == "auto":
         method = choose_method(T, math.prod(C.shape[1:-2]), H)
@@ -197,7 +200,7 @@ def hadamard_scan(C, U, *, resets=None, memory=None, method: str = "auto"):
 
         M_all = jax.lax.scan(step, jnp.zeros_like(C[0]), (C, U, resets))[1]
     elif method == "associative":
-        M_all = _associative(C, U, resets)
+        M_all = affine_scan(C, U, resets)
     else:  # chunked: associative inside chunks, each chunk's last state carried sequentially.
 
         def body(M, xs):
@@ -223,12 +226,12 @@ def hadamard_read(C, U, q, *, resets=None, memory=None, method: str = "auto", ch
       (Y [T, *batch, H], M_last [*batch, H, H]).
     """
     _validate(C, U, q, resets, memory, method, chunk_size)
-    U = _fold_memory(C, U, resets, memory)
+    U = fold_memory(C, U, resets, memory)
     T, H = C.shape[0], C.shape[-1]
     if method == "auto":
         method = choose_method(T, math.prod(C.shape[1:-2]), H)
     if method == "associative":
-        M_all = _associative(C, U, resets)
+        M_all = affine_scan(C, U, resets)
         return _read(M_all, q), M_all[-1]
     chunk = min(chunk_size or DEFAULT_CHUNK, T)
     return _chunked_read(C, U, q, resets, chunk, inner=method)
