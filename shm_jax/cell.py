@@ -2,11 +2,11 @@
 `nn.RNN` or PureJaxRL's `ScannedRNN`.
 
     cell = SHMCell(size=32)
-    rnn = nn.RNN(cell, split_rngs={"params": False, "aux": True},   # a fresh θ row per step
-                 variable_axes={"intermediates": 1})                # keep the rows drawn
-    params = rnn.init({"params": key, "aux": key}, x)               # x [B, T, d], batch-major
+    # a fresh θ row per step, and the rows drawn kept as intermediates
+    rnn = nn.RNN(cell, split_rngs={"params": False, "aux": True}, variable_axes={"intermediates": 1})
+    params = rnn.init({"params": key, "aux": key}, x)  # x [B, T, d], batch-major
     y, state = rnn.apply(params, x, rngs={"aux": key}, mutable="intermediates")
-    aux = state["intermediates"]["cell"]["aux"][0]                  # [B, T]
+    aux = state["intermediates"]["cell"]["aux"][0]  # [B, T]
 
 Inside `nn.scan` (PureJaxRL's `ScannedRNN`), pass `(x, aux, reset)` per step instead: the θ rows
 come from `sample_aux` and are kept, so the PPO update can replay exactly what the agent acted
