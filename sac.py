@@ -69,7 +69,7 @@ from gymnax.environments import spaces
 
 import envs
 import shm_jax
-from train import Train, seed_map
+from train import Train, scan_updates, seed_map
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -1026,18 +1026,7 @@ def make_train(cfg: Config, progress: Callable[[np.ndarray, dict], None] | None 
                 jax.debug.callback(progress, runner.update[0], metrics)
             return runner, metrics
 
-        def body(runner: RunnerState, _):
-            if stop is None:
-                return one_iteration(runner)
-            nan = jax.tree.map(
-                lambda m: jnp.full(m.shape, jnp.nan, m.dtype),
-                jax.eval_shape(one_iteration, runner)[1],
-            )
-            return jax.lax.cond(
-                runner.update[0] < stop, one_iteration, lambda r: (r, nan), runner
-            )  # fmt: skip
-
-        return jax.lax.scan(body, runner, None, length)
+        return scan_updates(one_iteration, runner, length, stop)
 
     return Train(init_seeds, updates, cfg.num_updates)
 

@@ -556,22 +556,29 @@ def make_train(cfg: Config, progress: Callable[[np.ndarray, dict], None] | None 
                 jax.debug.callback(progress, runner.update[0], metrics)
             return runner, metrics
 
-        def body(runner: RunnerState, _):
-            if stop is None:
-                return one_update(runner)
-            nan = jax.tree.map(
-                lambda m: jnp.full(m.shape, jnp.nan, m.dtype), jax.eval_shape(one_update, runner)[1]
-            )
-            skip = lambda r: (r, nan)
-            return jax.lax.cond(runner.update[0] < stop, one_update, skip, runner)
-
-        return jax.lax.scan(body, runner, None, length)
+        return scan_updates(one_update, runner, length, stop)
 
     return Train(
         with_matmul_precision(cfg.matmul_precision, init_seeds),
         with_matmul_precision(cfg.matmul_precision, updates),
         cfg.num_updates,
     )
+
+
+def scan_updates(one_update: Callable, runner, length: int, stop: int | None = None):
+    """`length` calls of `one_update(runner) -> (runner, metrics)` in one `lax.scan`: (runner,
+    metrics {name: [length, ...]}). With `stop`, updates numbered beyond `stop` (runner.update
+    [S] counts those done) are skipped: the runner stays and their metrics are NaN, so one
+    compiled segment also serves a run's shorter last one."""
+
+    def body(runner, _):
+        if stop is None:
+            return one_update(runner)
+        shapes = jax.eval_shape(one_update, runner)[1]
+        nan = jax.tree.map(lambda m: jnp.full(m.shape, jnp.nan, m.dtype), shapes)
+        return jax.lax.cond(runner.update[0] < stop, one_update, lambda r: (r, nan), runner)
+
+    return jax.lax.scan(body, runner, None, length)
 
 
 def with_matmul_precision(precision: str, fn: Callable) -> Callable:

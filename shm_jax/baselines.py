@@ -54,9 +54,8 @@ class GRU(_NoAux, nn.Module):
     """A GRU (flax `GRUCell`, `size` hidden units) scanned over time with episode resets.
 
     `unroll`: time steps per iteration of the compiled loop (`nn.scan(unroll=...)`); only speed
-    depends on it, never the numbers. None: 16 on a GPU, 1 elsewhere (measured: 2.3x faster
-    training on an H100 at T, B = 1024, 8, but 2.4x slower on a 2-core CPU; README
-    "Performance")."""
+    depends on it, never the numbers. None: 16 on a GPU, 1 elsewhere, the faster of the two on
+    each (docs/performance.md)."""
 
     size: int
     features: int | None = None

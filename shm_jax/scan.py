@@ -27,8 +27,8 @@ recomputes each chunk's states, instead of storing every M_t (T·B·H² floats).
 - GPU/TPU: "associative" whenever its memory fits a budget: the scan keeps about 4 copies of all
   M_t, so T·B·H² · 4 bytes · 4 ≤ 8 GiB (`ASSOCIATIVE_BUDGET_BYTES`), i.e. T·B·H² ≤ 2**29
   float32 numbers; else "chunked" with chunks of 64 steps, whose memory is bounded by the chunk.
-  On an H100 (jax 0.11.2) the associative scan was the fastest of the three forms at every size
-  measured (README "Performance"), so the budget only guards memory. (The SHM layer's "auto"
+  On a GPU the associative scan was the fastest of the three forms at every size measured
+  (docs/performance.md), so the budget only guards memory. (The SHM layer's "auto"
   runs the Pallas kernel of `shm_jax.kernel` on a GPU instead, where it applies:
   `shm_jax.shm.layer_method`.)
 """

@@ -35,11 +35,10 @@ CALIBRATED = ("shm", "single_theta")  # C_t = 1 + tanh(θ_t c_tᵀ)
 def layer_method(T: int, batch: int, H: int, *, fused: bool, backend: str | None = None) -> str:
     """The form the SHM layer's method="auto" runs for T steps of `batch` sequences of H×H
     memories. `fused`: C_t = 1 + tanh(θ_t c_tᵀ) with no clamp, so the memory can be computed
-    from [T, B, H] vectors (`shm_jax.kernel`). On a GPU that is the Pallas kernel: on an H100
-    it trained the layer 1.15x (T, B, H = 1024, 8, 128) and 3.8x (1024, 512, 32) faster than
-    the associative scan, the fastest other form, in 15% and 12% of its memory (README
-    "Performance"). On a CPU it is the C++ kernel (`shm_jax.native`) when it builds, about 3x
-    faster to train than `fused_read`, which runs otherwise (with a warning). Otherwise
+    from [T, B, H] vectors (`shm_jax.kernel`). On a GPU that is the Pallas kernel, which trains
+    the layer faster than the associative scan, the fastest other form, in a fraction of its
+    memory (docs/performance.md). On a CPU it is the C++ kernel (`shm_jax.native`) when it
+    builds, faster to train than `fused_read`, which runs otherwise (with a warning). Otherwise
     `choose_method`: "sequential" on a CPU, the associative scan on a GPU/TPU while it fits its
     memory budget."""
     backend = backend or jax.default_backend()
@@ -158,7 +157,7 @@ class SHM(nn.Module):
         `pallas_read(..., pipelined=True)`; opt-in until timed on a GPU) | "native" (the C++
         CPU kernel `shm_jax.native.native_read`, built on first use; same needs). "auto" =
         `layer_method`: "pallas" on a GPU and "native" on a CPU wherever they apply (each
-        measured faster than every other form there: README "Performance"), else
+        measured faster than every other form there: docs/performance.md), else
         `shm_jax.scan.choose_method`.
       dtype: parameter and computation dtype.
     """
