@@ -70,12 +70,16 @@ class FFM(_NoAux, nn.Module):
         complex: 2 m c floats per env.
       min_period, max_period: ω_k starts at 2π / linspace(min_period, max_period, c) (the
         paper's 1 and 1024), a learned parameter.
-      forgotten_at: what is left of a trace at its horizon (see α), in (0, 1).
+      alpha_init: "even" or "horizons", how α starts (below).
+      forgotten_at: with alpha_init="horizons", what is left of a trace at its horizon, in (0, 1).
       dtype: parameter and computation dtype (the state is the matching complex dtype).
 
-    α_j (learned) starts at ln(forgotten_at) / t_j with t_j = linspace(1, max_period, m): trace j
-    has decayed to `forgotten_at` (0.01) after t_j steps, so the traces span every horizon from
-    one step to max_period; `ffm_decay` keeps α ≤ -1e-8. The projections W_p, W_i,
+    α_j (learned) starts per `alpha_init`: "even" (default) spaces it evenly in [-0.5, -1e-6],
+    from traces that halve in about a step to traces that last ~10⁶ steps; "horizons" starts it
+    at ln(forgotten_at) / t_j with t_j = linspace(1, max_period, m), so that trace j has decayed to
+    `forgotten_at` after t_j steps (at m = 32 only one trace then forgets within 30 steps: it
+    learned RepeatPreviousEasy far more slowly, docs/reproduction.md). `ffm_decay` keeps
+    α ≤ -1e-8. The projections W_p, W_i,
     W_g, W_mix and W_skip are affine (flax Dense with bias); the LayerNorm has no learned scale
     or shift (the paper's).
     """
@@ -85,6 +89,7 @@ class FFM(_NoAux, nn.Module):
     context: int = 4
     min_period: float = 1.0
     max_period: float = 1024.0
+    alpha_init: str = "even"
     forgotten_at: float = 0.01
     dtype: Any = jnp.float32
 
@@ -95,6 +100,10 @@ class FFM(_NoAux, nn.Module):
             raise ValueError(
                 f"FFM: periods need 0 < min_period <= max_period; got {self.min_period}, "
                 f"{self.max_period}"
+            )
+        if self.alpha_init not in ("even", "horizons"):
+            raise ValueError(
+                f"FFM: alpha_init must be 'even' or 'horizons'; got {self.alpha_init!r}"
             )
         if not 0 < self.forgotten_at < 1:
             raise ValueError(f"FFM: forgotten_at must be in (0, 1); got {self.forgotten_at}")
@@ -119,7 +128,12 @@ class FFM(_NoAux, nn.Module):
         m, c, out = self.size, self.context, self.features or self.size
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.dtype, name=name)
         horizons = lambda n, dtype: jnp.linspace(1.0, self.max_period, n, dtype=dtype)
-        alpha_init = lambda key, shape, dtype: math.log(self.forgotten_at) / horizons(*shape, dtype)
+        if self.alpha_init == "even":
+            alpha_init = lambda key, shape, dtype: -jnp.linspace(1e-6, 0.5, shape[0], dtype=dtype)
+        else:
+            alpha_init = lambda key, shape, dtype: (
+                math.log(self.forgotten_at) / horizons(*shape, dtype)
+            )
         periods = lambda n, dtype: jnp.linspace(self.min_period, self.max_period, n, dtype=dtype)
         omega_init = lambda key, shape, dtype: 2 * jnp.pi / periods(shape[0], dtype)
         alpha = self.param("alpha", alpha_init, (m,), self.dtype)
