@@ -65,11 +65,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from gymnax.environments import spaces
 
 import envs
 import shm_jax
-from train import Train, scan_updates, seed_map
+from train import Train, action_spec, scan_updates, seed_map
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -558,17 +557,9 @@ def make_env_and_network(cfg: Config) -> Setup:
     (everything is checked here, before anything is compiled)."""
     validate(cfg)
     env, env_params = envs.make(cfg.env)
-    space = env.action_space(env_params)
-    if isinstance(space, spaces.Discrete):
-        continuous, action_dim, low, high = False, int(space.n), None, None
-    elif isinstance(space, spaces.Box):
-        continuous, action_dim = True, int(np.prod(space.shape))
-        low = jnp.broadcast_to(jnp.asarray(space.low, jnp.float32), (action_dim,))
-        high = jnp.broadcast_to(jnp.asarray(space.high, jnp.float32), (action_dim,))
-    else:
-        raise ValueError(
-            f"env {cfg.env!r} has action space {type(space).__name__}; supported: Discrete, Box"
-        )
+    continuous, action_dim, low, high = action_spec(env, env_params, cfg.env)
+    if continuous:
+        low, high = (jnp.broadcast_to(b, (action_dim,)) for b in (low, high))
     if continuous and cfg.preset in DISCRETE_PRESETS:
         raise ValueError(
             f"--preset {cfg.preset} is SAC-D for Discrete actions; {cfg.env!r} has Box actions "

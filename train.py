@@ -139,20 +139,26 @@ class Setup(NamedTuple):
     eval_params: Any  # held-out task params for meta-RL envs, else None
 
 
+def action_spec(env, env_params, env_id: str):
+    """(continuous, action_dim, low, high) of the env's action space: Discrete(n) gives (False,
+    n, None, None); Box gives (True, its size, low and high as float32 arrays). ValueError, one
+    line, for any other space."""
+    space = env.action_space(env_params)
+    if isinstance(space, spaces.Discrete):
+        return False, int(space.n), None, None
+    if isinstance(space, spaces.Box):
+        low, high = jnp.asarray(space.low, jnp.float32), jnp.asarray(space.high, jnp.float32)
+        return True, int(np.prod(space.shape)), low, high
+    raise ValueError(
+        f"env {env_id!r} has action space {type(space).__name__}; supported: Discrete, Box"
+    )
+
+
 def make_env_and_network(cfg: Config) -> Setup:
     """Build env, vector env and network for `cfg`; ValueError on inconsistent input."""
     validate(cfg)
     env, env_params = envs.make(cfg.env)
-    space = env.action_space(env_params)
-    if isinstance(space, spaces.Discrete):
-        continuous, action_dim, low, high = False, int(space.n), None, None
-    elif isinstance(space, spaces.Box):
-        continuous, action_dim = True, int(np.prod(space.shape))
-        low, high = jnp.asarray(space.low, jnp.float32), jnp.asarray(space.high, jnp.float32)
-    else:
-        raise ValueError(
-            f"env {cfg.env!r} has action space {type(space).__name__}; supported: Discrete, Box"
-        )
+    continuous, action_dim, low, high = action_spec(env, env_params, cfg.env)
     if cfg.head == "categorical" and continuous:
         raise ValueError(f"--head categorical needs a Discrete action space; {cfg.env!r} has Box")
     if cfg.head == "gaussian" and not continuous:
